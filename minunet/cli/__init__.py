@@ -1,0 +1,17 @@
+"""The ``minunet`` command line (click)."""
+
+from __future__ import annotations
+
+import click
+
+from minunet import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="minunet")
+def main():
+    """minunet: a from-scratch U-Net for medical image segmentation."""
+
+
+if __name__ == "__main__":
+    main()

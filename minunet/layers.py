@@ -1,0 +1,104 @@
+"""Layers: thin objects that own parameters and call the backend's ops.
+
+Each layer keeps the cache of its last forward and adds its parameter
+gradients into ``grads`` (zeroed by ``UNet.zero_grad``), so the model can run
+forward, then backward, with no bookkeeping of its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Conv2d:
+    """k x k convolution, stride 1, zero padding k//2, optional fused ReLU.
+
+    weight (Cout, Cin, k, k), bias (Cout,): PyTorch's Conv2d layout.
+    He initialisation: weight ~ N(0, 2 / (Cin*k*k)), bias = 0.
+    """
+
+    def __init__(self, backend, cin, cout, k, relu, rng, dtype):
+        self.backend, self.relu = backend, relu
+        std = np.sqrt(2.0 / (cin * k * k))
+        self.params = {
+            "weight": backend.asarray(rng.normal(0.0, std, (cout, cin, k, k)).astype(dtype)),
+            "bias": backend.asarray(np.zeros(cout, dtype=dtype)),
+        }
+        self.grads = {n: backend.xp.zeros_like(p) for n, p in self.params.items()}
+        self.cache = None
+
+    def forward(self, x):
+        y, self.cache = self.backend.conv2d_forward(
+            x, self.params["weight"], self.params["bias"], relu=self.relu
+        )
+        return y
+
+    def backward(self, dy, need_dx=True):
+        dx, dw, db = self.backend.conv2d_backward(dy, self.cache, need_dx=need_dx)
+        self.grads["weight"] += dw
+        self.grads["bias"] += db
+        return dx
+
+
+class MaxPool2d:
+    """2x2 max-pool, stride 2. No parameters."""
+
+    params: dict = {}
+    grads: dict = {}
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.cache = None
+
+    def forward(self, x):
+        y, self.cache = self.backend.maxpool2x2_forward(x)
+        return y
+
+    def backward(self, dy):
+        return self.backend.maxpool2x2_backward(dy, self.cache)
+
+
+class UpConv2d:
+    """2x2 transposed convolution, stride 2 (doubles H and W).
+
+    weight (Cin, Cout, 2, 2), bias (Cout,): PyTorch's ConvTranspose2d layout.
+    He initialisation: each output pixel sums Cin inputs, one tap each, so
+    weight ~ N(0, 2 / Cin).
+    """
+
+    def __init__(self, backend, cin, cout, rng, dtype):
+        self.backend = backend
+        std = np.sqrt(2.0 / cin)
+        self.params = {
+            "weight": backend.asarray(rng.normal(0.0, std, (cin, cout, 2, 2)).astype(dtype)),
+            "bias": backend.asarray(np.zeros(cout, dtype=dtype)),
+        }
+        self.grads = {n: backend.xp.zeros_like(p) for n, p in self.params.items()}
+        self.cache = None
+
+    def forward(self, x):
+        y, self.cache = self.backend.upconv2x2_forward(x, self.params["weight"], self.params["bias"])
+        return y
+
+    def backward(self, dy):
+        dx, dw, db = self.backend.upconv2x2_backward(dy, self.cache)
+        self.grads["weight"] += dw
+        self.grads["bias"] += db
+        return dx
+
+
+class DoubleConv:
+    """conv3x3 -> ReLU -> conv3x3 -> ReLU: the unit of every U-Net level."""
+
+    def __init__(self, backend, cin, cout, rng, dtype):
+        self.conv1 = Conv2d(backend, cin, cout, 3, True, rng, dtype)
+        self.conv2 = Conv2d(backend, cout, cout, 3, True, rng, dtype)
+
+    def named_layers(self):
+        return [("conv1", self.conv1), ("conv2", self.conv2)]
+
+    def forward(self, x):
+        return self.conv2.forward(self.conv1.forward(x))
+
+    def backward(self, dy, need_dx=True):
+        return self.conv1.backward(self.conv2.backward(dy), need_dx=need_dx)
