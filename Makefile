@@ -14,14 +14,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check minunet tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 train: $(STAMP)
 	$(BIN)/minunet train --out runs/sample
 
 lint: $(STAMP)
-	$(BIN)/ruff check minunet tests benchmarks
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/minunet bench --backend numba
