@@ -1,0 +1,311 @@
+"""Fast backends against the NumPy reference (the spec): every op, forward and backward.
+
+Each test runs the same random inputs through the backend under test and the
+reference, in float64 (to ~1e-10) and float32 (to ~1e-4, relative to the
+largest value). Activations go in through ``from_nchw`` and come back through
+``to_nchw``, so a backend's internal layout (NHWC for numba) is invisible here.
+The ``cupy`` parameter runs only where a CUDA device answers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minunet.kernels.base import get_backend
+from minunet.kernels.cupy_gpu import cuda_available
+from minunet.kernels.numpy_ref import NumpyBackend
+from minunet.model import UNet
+
+BACKENDS = [
+    "numba",
+    pytest.param(
+        "cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="no CUDA device")]
+    ),
+]
+DTYPES = ["float64", "float32"]
+RTOL = {"float64": 1e-10, "float32": 1e-4}
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+_backends = {}
+
+
+def backend(name, dtype):
+    """One instance per (name, dtype) for the whole session (kernels compile once)."""
+    if (name, dtype) not in _backends:
+        _backends[name, dtype] = get_backend(name, dtype)
+    return _backends[name, dtype]
+
+
+def host(be, a):
+    """A backend array (parameter-shaped or NCHW) -> numpy."""
+    return np.asarray(be.to_host(a))
+
+
+def act_in(be, x):
+    return be.from_nchw(be.asarray(x))
+
+
+def act_out(be, a):
+    return host(be, be.to_nchw(a))
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """|actual - expected| <= rtol * max(|expected|, 1) elementwise, rtol by dtype."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1.0)
+    err = float(np.max(np.abs(actual.astype(np.float64) - expected))) if expected.size else 0.0
+    assert err <= RTOL[dtype] * scale, f"{what}: max abs err {err:.3g} > {RTOL[dtype]:g} * {scale:.3g}"
+
+
+def rand(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+shapes = st.tuples(
+    st.integers(1, 3),  # N
+    st.integers(1, 5),  # Cin
+    st.integers(1, 5),  # Cout
+    st.integers(1, 5).map(lambda h: 2 * h),  # H (even, for pool and up-conv)
+    st.integers(1, 6).map(lambda w: 2 * w),  # W
+)
+
+
+@pytest.fixture(params=BACKENDS)
+def name(request):
+    return request.param
+
+
+# -- convolution -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [3, 1])
+@pytest.mark.parametrize("relu", [False, True])
+@SETTINGS
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_conv2d(name, dtype, k, relu, shape, seed):
+    N, Cin, Cout, H, W = shape
+    rng = np.random.default_rng(seed)
+    be, ref = backend(name, dtype), NumpyBackend(dtype)
+    x, w, b = rand(rng, (N, Cin, H, W), dtype), rand(rng, (Cout, Cin, k, k), dtype), rand(rng, Cout, dtype)
+    y_ref, c_ref = ref.conv2d_forward(x, w, b, relu=relu)
+    y, c = be.conv2d_forward(act_in(be, x), be.asarray(w), be.asarray(b), relu=relu)
+    assert_close(act_out(be, y), y_ref, dtype, "y")
+
+    dy = rand(rng, y_ref.shape, dtype)
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
+    dx, dw, db = be.conv2d_backward(act_in(be, dy), c)
+    assert_close(act_out(be, dx), dx_ref, dtype, "dx")
+    assert_close(host(be, dw), dw_ref, dtype, "dw")
+    assert_close(host(be, db), db_ref, dtype, "db")
+
+    dx, dw2, _ = be.conv2d_backward(act_in(be, dy), c, need_dx=False)
+    assert dx is None
+    assert_close(host(be, dw2), dw_ref, dtype, "dw (need_dx=False)")
+
+
+# -- ReLU ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_relu(name, dtype, shape, seed):
+    N, C, _, H, W = shape
+    rng = np.random.default_rng(seed)
+    be, ref = backend(name, dtype), NumpyBackend(dtype)
+    x = rand(rng, (N, C, H, W), dtype)
+    x[0, 0, 0, 0] = 0.0  # the kink: gradient 0, as the reference
+    y_ref, c_ref = ref.relu_forward(x)
+    y, c = be.relu_forward(act_in(be, x))
+    assert_close(act_out(be, y), y_ref, dtype, "y")
+    dy = rand(rng, x.shape, dtype)
+    assert_close(act_out(be, be.relu_backward(act_in(be, dy), c)), ref.relu_backward(dy, c_ref), dtype, "dx")
+
+
+# -- max-pool ------------------------------------------------------------------
+
+
+def _pool_both(be, ref, x, dy, dtype):
+    y_ref, c_ref = ref.maxpool2x2_forward(x)
+    y, c = be.maxpool2x2_forward(act_in(be, x))
+    assert_close(act_out(be, y), y_ref, dtype, "y")
+    dx_ref = ref.maxpool2x2_backward(dy, c_ref)
+    dx = act_out(be, be.maxpool2x2_backward(act_in(be, dy), c))
+    # routing is exact: the same positions receive the same values
+    np.testing.assert_array_equal(dx != 0, dx_ref != 0)
+    assert_close(dx, dx_ref, dtype, "dx")
+    # backward twice from the same cache gives the same answer (no state consumed)
+    np.testing.assert_array_equal(act_out(be, be.maxpool2x2_backward(act_in(be, dy), c)), dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), levels=st.sampled_from([0, 2, 3]))
+def test_maxpool(name, dtype, shape, seed, levels):
+    """levels=0: distinct random values; 2 or 3: values from a tiny set, so windows tie often."""
+    N, C, _, H, W = shape
+    rng = np.random.default_rng(seed)
+    be, ref = backend(name, dtype), NumpyBackend(dtype)
+    if levels:
+        x = rng.integers(0, levels, (N, C, H, W)).astype(dtype)
+    else:
+        x = rand(rng, (N, C, H, W), dtype)
+    dy = rand(rng, (N, C, H // 2, W // 2), dtype) + 3.0  # nonzero, so routing is visible
+    _pool_both(be, ref, x, dy, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxpool_all_equal_routes_to_first(name, dtype):
+    be, ref = backend(name, dtype), NumpyBackend(dtype)
+    x = np.full((2, 3, 4, 6), 0.5, dtype)
+    dy = np.arange(1, 1 + 2 * 3 * 2 * 3, dtype=dtype).reshape(2, 3, 2, 3)
+    _pool_both(be, ref, x, dy, dtype)
+    _, c = be.maxpool2x2_forward(act_in(be, x))
+    dx = act_out(be, be.maxpool2x2_backward(act_in(be, dy), c))
+    np.testing.assert_array_equal(dx[:, :, ::2, ::2], dy)  # top-left of every window
+
+
+# -- up-conv -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_upconv2x2(name, dtype, shape, seed):
+    N, Cin, Cout, H, W = shape
+    H, W = H // 2, W // 2
+    rng = np.random.default_rng(seed)
+    be, ref = backend(name, dtype), NumpyBackend(dtype)
+    x, w, b = rand(rng, (N, Cin, H, W), dtype), rand(rng, (Cin, Cout, 2, 2), dtype), rand(rng, Cout, dtype)
+    y_ref, c_ref = ref.upconv2x2_forward(x, w, b)
+    y, c = be.upconv2x2_forward(act_in(be, x), be.asarray(w), be.asarray(b))
+    assert_close(act_out(be, y), y_ref, dtype, "y")
+    dy = rand(rng, y_ref.shape, dtype)
+    dx_ref, dw_ref, db_ref = ref.upconv2x2_backward(dy, c_ref)
+    dx, dw, db = be.upconv2x2_backward(act_in(be, dy), c)
+    assert_close(act_out(be, dx), dx_ref, dtype, "dx")
+    assert_close(host(be, dw), dw_ref, dtype, "dw")
+    assert_close(host(be, db), db_ref, dtype, "db")
+
+
+# -- skip connection -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_concat_split(name, dtype, shape, seed):
+    N, Ca, Cb, H, W = shape
+    rng = np.random.default_rng(seed)
+    be, ref = backend(name, dtype), NumpyBackend(dtype)
+    a, b = rand(rng, (N, Ca, H, W), dtype), rand(rng, (N, Cb, H, W), dtype)
+    cat = be.concat_channels(act_in(be, a), act_in(be, b))
+    np.testing.assert_array_equal(act_out(be, cat), ref.concat_channels(a, b))
+    d = rand(rng, (N, Ca + Cb, H, W), dtype)
+    da, db = be.split_channels(act_in(be, d), Ca)
+    da_ref, db_ref = ref.split_channels(d, Ca)
+    np.testing.assert_array_equal(act_out(be, da), da_ref)
+    np.testing.assert_array_equal(act_out(be, db), db_ref)
+
+
+# -- output and loss ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1.0, 10.0, 1e4]))
+def test_sigmoid_bce(name, dtype, shape, seed, scale):
+    N, _, _, H, W = shape
+    rng = np.random.default_rng(seed)
+    be, ref = backend(name, dtype), NumpyBackend(dtype)
+    z = rand(rng, (N, 1, H, W), dtype, scale)
+    z.flat[0], z.flat[-1] = 1e4, -1e4  # extremes: finite loss, exact gradient
+    y = (rng.random(z.shape) > 0.5).astype(dtype)
+    assert_close(host(be, be.sigmoid(be.asarray(z))), ref.sigmoid(z), dtype, "sigmoid")
+    loss_ref, dz_ref = ref.sigmoid_bce(z, y)
+    loss, dz = be.sigmoid_bce(be.asarray(z), be.asarray(y))
+    assert isinstance(loss, float) and np.isfinite(loss)
+    assert abs(loss - loss_ref) <= RTOL[dtype] * max(abs(loss_ref), 1.0)
+    dz = host(be, dz)
+    assert np.all(np.isfinite(dz))
+    assert_close(dz * z.size, dz_ref * z.size, dtype, "dz")
+
+
+# -- optimizer ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(size=st.integers(1, 200), seed=st.integers(0, 2**31 - 1), lr=st.sampled_from([1e-3, 0.1]))
+def test_adam_step(name, dtype, size, seed, lr):
+    rng = np.random.default_rng(seed)
+    be, ref = backend(name, dtype), NumpyBackend(dtype)
+    p_ref = rand(rng, (size,), dtype)
+    m_ref, v_ref = np.zeros_like(p_ref), np.zeros_like(p_ref)
+    p, m, v = be.asarray(p_ref.copy()), be.asarray(m_ref.copy()), be.asarray(v_ref.copy())
+    for t in range(1, 4):
+        g = rand(rng, (size,), dtype)
+        ref.adam_step(p_ref, g, m_ref, v_ref, lr, 0.9, 0.999, 1e-8, t)
+        be.adam_step(p, be.asarray(g), m, v, lr, 0.9, 0.999, 1e-8, t)
+    assert_close(host(be, m), m_ref, dtype, "m")
+    assert_close(host(be, v), v_ref, dtype, "v")
+    assert_close(host(be, p), p_ref, dtype, "p")
+
+
+# -- the whole network -----------------------------------------------------------
+
+
+def _train_step(model, x, y):
+    """zero_grad, forward, fused loss, backward: returns (loss, logits, grads) on the host."""
+    be = model.backend
+    model.zero_grad()
+    logits = model.forward(be.asarray(x))
+    loss, dz = be.sigmoid_bce(logits, be.asarray(y))
+    model.backward(dz)
+    return loss, host(be, logits), {k: host(be, g).copy() for k, g in model.grads.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("depth", [2, 3])
+def test_unet_matches_reference(name, dtype, depth):
+    rng = np.random.default_rng(depth)
+    x = rng.random((2, 1, 32, 48)).astype(dtype)
+    y = (rng.random(x.shape) > 0.6).astype(dtype)
+    ref = UNet(1, 4, depth, backend="numpy", dtype=dtype, seed=3)
+    fast = UNet(1, 4, depth, backend=backend(name, dtype), dtype=dtype, seed=3)
+    for n in ref.params:
+        np.testing.assert_array_equal(host(fast.backend, fast.params[n]), ref.params[n])
+    loss_ref, logits_ref, grads_ref = _train_step(ref, x, y)
+    loss, logits, grads = _train_step(fast, x, y)
+    assert abs(loss - loss_ref) <= RTOL[dtype] * max(abs(loss_ref), 1.0)
+    assert_close(logits, logits_ref, dtype, "logits")
+    assert list(grads) == list(grads_ref)
+    for n in grads_ref:
+        assert_close(grads[n], grads_ref[n], dtype, n)
+
+
+def test_unet_deterministic(name):
+    """Two fresh runs of forward, loss, backward and Adam give identical bytes."""
+    from minunet.optim import Adam
+
+    rng = np.random.default_rng(7)
+    x = rng.random((3, 1, 32, 32)).astype("float32")
+    y = (rng.random(x.shape) > 0.5).astype("float32")
+    runs = []
+    for _ in range(2):
+        be = get_backend(name, "float32")
+        model = UNet(1, 4, 2, backend=be, dtype="float32", seed=5)
+        opt = Adam(model.params, model.grads, lr=1e-2, backend=be)
+        out = []
+        for _step in range(2):
+            loss, logits, grads = _train_step(model, x, y)
+            opt.step()
+            out.append((loss, logits.tobytes(), {k: g.tobytes() for k, g in grads.items()}))
+        out.append({k: host(be, p).tobytes() for k, p in model.params.items()})
+        runs.append(out)
+    assert runs[0] == runs[1]
