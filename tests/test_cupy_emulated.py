@@ -41,21 +41,26 @@ extern "C" void emu_set(unsigned int b, unsigned int t, unsigned int bd, unsigne
 GRID, BLOCK = 3, 5  # an odd little grid: every grid-stride loop runs several rounds
 
 
-@pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cuda_emu")
-    src, lib = d / "kernels.cpp", d / "kernels.so"
-    src.write_text(PRELUDE + cupy_gpu.CUDA_SOURCE)
-    subprocess.run([CXX, "-O1", "-shared", "-fPIC", "-Wall", "-o", str(lib), str(src)], check=True)
-    return ctypes.CDLL(str(lib))
+_libs = {}
+
+
+def emu_lib(dtype, tmp_path_factory):
+    """The kernels for one dtype, compiled for the host once per session."""
+    if dtype not in _libs:
+        d = tmp_path_factory.mktemp(f"cuda_emu_{dtype}")
+        src, lib = d / "kernels.cpp", d / "kernels.so"
+        src.write_text(PRELUDE + cupy_gpu.REAL_PRELUDE[dtype] + cupy_gpu.CUDA_SOURCE)
+        subprocess.run([CXX, "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(lib), str(src)], check=True)
+        _libs[dtype] = ctypes.CDLL(str(lib))
+    return _libs[dtype]
 
 
 class EmulatedCupyBackend(cupy_gpu.CupyBackend):
     """CupyBackend with numpy as xp and the CUDA kernels run on the host."""
 
-    def __init__(self, lib, **kw):
+    def __init__(self, lib, dtype, **kw):
         self._lib = lib
-        super().__init__("float32", **kw)
+        super().__init__(dtype, **kw)
 
     def _setup(self):
         self.xp = np
@@ -69,14 +74,16 @@ class EmulatedCupyBackend(cupy_gpu.CupyBackend):
         for a in args:
             if isinstance(a, np.ndarray):
                 assert a.flags.c_contiguous, f"{name}: non-contiguous array argument"
-                assert a.dtype in (np.float32, np.uint8), f"{name}: array of {a.dtype}"
+                assert a.dtype in (self.dtype, np.uint8), f"{name}: array of {a.dtype}"
                 cargs.append(ctypes.c_void_p(a.ctypes.data))
             elif isinstance(a, np.int32):
                 cargs.append(ctypes.c_int32(int(a)))
             elif isinstance(a, np.int64):
                 cargs.append(ctypes.c_int64(int(a)))
-            elif isinstance(a, np.float32):
+            elif isinstance(a, np.float32) and self.dtype == np.float32:
                 cargs.append(ctypes.c_float(float(a)))
+            elif isinstance(a, np.float64) and self.dtype == np.float64:
+                cargs.append(ctypes.c_double(float(a)))
             else:  # cupy would pass a Python int/float with the wrong C type: refuse it here too
                 raise TypeError(f"{name}: argument {a!r} of type {type(a).__name__} is not a numpy scalar")
         fn = getattr(self._lib, name)
@@ -86,13 +93,18 @@ class EmulatedCupyBackend(cupy_gpu.CupyBackend):
                 fn(*cargs)
 
 
-@pytest.fixture(scope="module")
-def be(emu_lib):
-    return EmulatedCupyBackend(emu_lib)
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def be(request, tmp_path_factory):
+    return EmulatedCupyBackend(emu_lib(request.param, tmp_path_factory), request.param)
 
 
-REF = NumpyBackend("float32")
-TOL = dict(rtol=2e-4, atol=2e-5)
+@pytest.fixture
+def ref(be):
+    return NumpyBackend(be.dtype.name)
+
+
+def tol(be, loose=1.0):
+    return dict(rtol=2e-4 * loose, atol=2e-5 * loose) if be.dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
 
 
 def _nchw(be, a):
@@ -109,13 +121,14 @@ def test_kernel_argument_lists_match_the_source():
 @pytest.mark.parametrize("k", [3, 1])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("budget", [1 << 30, 1])  # one chunk, or one sample per chunk
-def test_conv2d(be, k, relu, budget):
+def test_conv2d(be, ref, k, relu, budget):
     rng = np.random.default_rng(1)
     N, Cin, Cout, H, W = 3, 2, 5, 6, 7
-    x = rng.standard_normal((N, Cin, H, W)).astype(np.float32)
-    w = rng.standard_normal((Cout, Cin, k, k)).astype(np.float32)
-    b = rng.standard_normal(Cout).astype(np.float32)
-    dy = rng.standard_normal((N, Cout, H, W)).astype(np.float32)
+    dt = be.dtype
+    x = rng.standard_normal((N, Cin, H, W)).astype(dt)
+    w = rng.standard_normal((Cout, Cin, k, k)).astype(dt)
+    b = rng.standard_normal(Cout).astype(dt)
+    dy = rng.standard_normal((N, Cout, H, W)).astype(dt)
     be.col_budget_bytes = budget
     try:
         y, cache = be.conv2d_forward(be.from_nchw(x), w, b, relu=relu)
@@ -123,114 +136,117 @@ def test_conv2d(be, k, relu, budget):
         dx2, _, _ = be.conv2d_backward(be.from_nchw(dy), cache, need_dx=False)
     finally:
         be.col_budget_bytes = 2 << 30
-    yr, cr = REF.conv2d_forward(x, w, b, relu=relu)
-    dxr, dwr, dbr = REF.conv2d_backward(dy, cr)
-    np.testing.assert_allclose(_nchw(be, y), yr, **TOL)
-    np.testing.assert_allclose(_nchw(be, dx), dxr, **TOL)
-    np.testing.assert_allclose(dw, dwr, **TOL)
-    np.testing.assert_allclose(db, dbr, **TOL)
+    yr, cr = ref.conv2d_forward(x, w, b, relu=relu)
+    dxr, dwr, dbr = ref.conv2d_backward(dy, cr)
+    np.testing.assert_allclose(_nchw(be, y), yr, **tol(be))
+    np.testing.assert_allclose(_nchw(be, dx), dxr, **tol(be))
+    np.testing.assert_allclose(dw, dwr, **tol(be))
+    np.testing.assert_allclose(db, dbr, **tol(be))
     assert dx2 is None and dw.shape == w.shape and db.shape == b.shape
+    assert y.dtype == dx.dtype == dw.dtype == db.dtype == dt
 
 
-def test_relu(be):
+def test_relu(be, ref):
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((2, 3, 4, 6)).astype(np.float32)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
+    x = rng.standard_normal((2, 3, 4, 6)).astype(be.dtype)
+    dy = rng.standard_normal(x.shape).astype(be.dtype)
     y, c = be.relu_forward(be.from_nchw(x))
     dx = be.relu_backward(be.from_nchw(dy), c)
-    yr, cr = REF.relu_forward(x)
+    yr, cr = ref.relu_forward(x)
     np.testing.assert_array_equal(_nchw(be, y), yr)
-    np.testing.assert_array_equal(_nchw(be, dx), REF.relu_backward(dy, cr))
+    np.testing.assert_array_equal(_nchw(be, dx), ref.relu_backward(dy, cr))
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_maxpool(be, ties):
+def test_maxpool(be, ref, ties):
     rng = np.random.default_rng(3)
     shape = (2, 3, 6, 8)
-    x = np.ones(shape, np.float32) if ties else rng.standard_normal(shape).astype(np.float32)
+    x = np.ones(shape, be.dtype) if ties else rng.standard_normal(shape).astype(be.dtype)
     if ties:  # a mix of full ties and partial ties
         x[:, :, ::2, :] = rng.integers(0, 2, size=x[:, :, ::2, :].shape)
-    dy = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
+    dy = rng.standard_normal((2, 3, 3, 4)).astype(be.dtype)
     y, c = be.maxpool2x2_forward(be.from_nchw(x))
-    yr, cr = REF.maxpool2x2_forward(x)
+    yr, cr = ref.maxpool2x2_forward(x)
     np.testing.assert_array_equal(_nchw(be, y), yr)
     np.testing.assert_array_equal(c.argmax.transpose(0, 3, 1, 2), cr.argmax)
     for _ in range(2):  # backward twice gives the same answer (no hidden state)
         dx = be.maxpool2x2_backward(be.from_nchw(dy), c)
-        np.testing.assert_array_equal(_nchw(be, dx), REF.maxpool2x2_backward(dy, cr))
+        np.testing.assert_array_equal(_nchw(be, dx), ref.maxpool2x2_backward(dy, cr))
     with pytest.raises(ValueError):
-        be.maxpool2x2_forward(be.from_nchw(np.zeros((1, 1, 3, 4), np.float32)))
+        be.maxpool2x2_forward(be.from_nchw(np.zeros((1, 1, 3, 4), be.dtype)))
 
 
-def test_upconv(be):
+def test_upconv(be, ref):
     rng = np.random.default_rng(4)
     N, Cin, Cout, H, W = 2, 3, 4, 3, 5
-    x = rng.standard_normal((N, Cin, H, W)).astype(np.float32)
-    w = rng.standard_normal((Cin, Cout, 2, 2)).astype(np.float32)
-    b = rng.standard_normal(Cout).astype(np.float32)
-    dy = rng.standard_normal((N, Cout, 2 * H, 2 * W)).astype(np.float32)
+    dt = be.dtype
+    x = rng.standard_normal((N, Cin, H, W)).astype(dt)
+    w = rng.standard_normal((Cin, Cout, 2, 2)).astype(dt)
+    b = rng.standard_normal(Cout).astype(dt)
+    dy = rng.standard_normal((N, Cout, 2 * H, 2 * W)).astype(dt)
     y, c = be.upconv2x2_forward(be.from_nchw(x), w, b)
     dx, dw, db = be.upconv2x2_backward(be.from_nchw(dy), c)
-    yr, cr = REF.upconv2x2_forward(x, w, b)
-    dxr, dwr, dbr = REF.upconv2x2_backward(dy, cr)
-    np.testing.assert_allclose(_nchw(be, y), yr, **TOL)
-    np.testing.assert_allclose(_nchw(be, dx), dxr, **TOL)
-    np.testing.assert_allclose(dw, dwr, **TOL)
-    np.testing.assert_allclose(db, dbr, **TOL)
+    yr, cr = ref.upconv2x2_forward(x, w, b)
+    dxr, dwr, dbr = ref.upconv2x2_backward(dy, cr)
+    np.testing.assert_allclose(_nchw(be, y), yr, **tol(be))
+    np.testing.assert_allclose(_nchw(be, dx), dxr, **tol(be))
+    np.testing.assert_allclose(dw, dwr, **tol(be))
+    np.testing.assert_allclose(db, dbr, **tol(be))
 
 
-def test_concat_split(be):
+def test_concat_split(be, ref):
     rng = np.random.default_rng(5)
-    a = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
-    b = rng.standard_normal((2, 2, 4, 5)).astype(np.float32)
+    a = rng.standard_normal((2, 3, 4, 5)).astype(be.dtype)
+    b = rng.standard_normal((2, 2, 4, 5)).astype(be.dtype)
     cat = be.concat_channels(be.from_nchw(a), be.from_nchw(b))
-    np.testing.assert_array_equal(_nchw(be, cat), REF.concat_channels(a, b))
+    np.testing.assert_array_equal(_nchw(be, cat), ref.concat_channels(a, b))
     da, db = be.split_channels(cat, 3)
     np.testing.assert_array_equal(_nchw(be, da), a)
     np.testing.assert_array_equal(_nchw(be, db), b)
 
 
-def test_sigmoid_bce(be):
+def test_sigmoid_bce(be, ref):
     rng = np.random.default_rng(6)
-    z = (rng.standard_normal((2, 1, 4, 6)) * 5).astype(np.float32)
+    z = (rng.standard_normal((2, 1, 4, 6)) * 5).astype(be.dtype)
     z.flat[:4] = [1e4, -1e4, 0.0, 80.0]  # extremes stay finite
-    y = (rng.random(z.shape) > 0.5).astype(np.float32)
+    y = (rng.random(z.shape) > 0.5).astype(be.dtype)
     loss, dz = be.sigmoid_bce(z, y)
-    lr, dzr = REF.sigmoid_bce(z, y)
+    lr, dzr = ref.sigmoid_bce(z, y)
     assert isinstance(loss, float) and np.isfinite(loss)
     assert loss == pytest.approx(lr, rel=1e-6)
     np.testing.assert_allclose(dz, dzr, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(be.sigmoid(z), REF.sigmoid(z), rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(be.sigmoid(z), ref.sigmoid(z), rtol=1e-6, atol=1e-30)
 
 
-def test_adam(be):
+def test_adam(be, ref):
     rng = np.random.default_rng(7)
     shape = (4, 3, 3, 3)
-    p, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-    m, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    p, g = (rng.standard_normal(shape).astype(be.dtype) for _ in range(2))
+    m, v = np.zeros(shape, be.dtype), np.zeros(shape, be.dtype)
     pr, mr, vr = p.copy(), m.copy(), v.copy()
     for t in range(1, 4):
         be.adam_step(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, t)
-        REF.adam_step(pr, g, mr, vr, 1e-3, 0.9, 0.999, 1e-8, t)
+        ref.adam_step(pr, g, mr, vr, 1e-3, 0.9, 0.999, 1e-8, t)
     np.testing.assert_allclose(p, pr, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(m, mr, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(v, vr, rtol=1e-6, atol=1e-12)
 
 
-def test_float64_refused():
+def test_dtype_refused():
     with pytest.raises(ValueError, match="float32"):  # refused before cupy is even imported
-        cupy_gpu.CupyBackend("float64")
+        cupy_gpu.CupyBackend("float16")
 
 
-def test_unet_training_step_matches_reference(be):
+def test_unet_training_step_matches_reference(be, ref):
     """A whole forward, BCE, backward and Adam step of a small U-Net, cupy ops vs reference."""
     from minunet.model import UNet
     from minunet.optim import Adam
 
     rng = np.random.default_rng(8)
-    x = rng.random((2, 1, 16, 16)).astype(np.float32)
-    y = (rng.random((2, 1, 16, 16)) > 0.5).astype(np.float32)
-    models = [UNet(1, 4, 2, backend=b, seed=3) for b in (be, REF)]
+    dt = be.dtype.name
+    x = rng.random((2, 1, 16, 16)).astype(dt)
+    y = (rng.random((2, 1, 16, 16)) > 0.5).astype(dt)
+    models = [UNet(1, 4, 2, backend=b, dtype=dt, seed=3) for b in (be, ref)]
     out = []
     for mdl in models:
         opt = Adam(mdl.params, mdl.grads, lr=1e-3, backend=mdl.backend)
@@ -242,9 +258,10 @@ def test_unet_training_step_matches_reference(be):
         opt.step()
         out.append((logits, loss, grads, {n: np.array(p) for n, p in mdl.params.items()}))
     (lg, ls, gr, pa), (lgr, lsr, grr, par) = out
-    np.testing.assert_allclose(lg, lgr, rtol=1e-4, atol=1e-5)
-    assert ls == pytest.approx(lsr, rel=1e-5)
+    loose = 1.0 if dt == "float32" else 1e-6
+    np.testing.assert_allclose(lg, lgr, rtol=1e-4 * loose, atol=1e-5 * loose)
+    assert ls == pytest.approx(lsr, rel=1e-5 * loose)
     for n in grr:
         scale = float(np.abs(grr[n]).max()) + 1e-12
-        np.testing.assert_allclose(gr[n], grr[n], rtol=1e-3, atol=1e-4 * scale, err_msg=n)
-        np.testing.assert_allclose(pa[n], par[n], rtol=1e-5, atol=1e-6, err_msg=n)
+        np.testing.assert_allclose(gr[n], grr[n], rtol=1e-3 * loose, atol=1e-4 * loose * scale, err_msg=n)
+        np.testing.assert_allclose(pa[n], par[n], rtol=1e-5 * loose, atol=1e-6 * loose, err_msg=n)

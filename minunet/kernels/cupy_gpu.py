@@ -32,9 +32,10 @@ Memory. im2col is explicit; to bound its size the batch is processed in chunks
 of whole samples whose column matrix fits in ``col_budget_bytes`` (default 2 GiB),
 and dW is accumulated over the chunks in a fixed order.
 
-Precision. float32 only (the kernels are written for ``float``); float64 raises
-ValueError. Gradient checks in float64 run on the numpy backend. cuBLAS runs in
-plain FP32 (CuPy enables TF32 only when CUPY_TF32=1 is set in the environment).
+Precision. float32 (the default and the fast path) or float64: the kernels are
+written for a type ``real`` and compiled once per dtype; cuBLAS runs SGEMM or
+DGEMM. float64 is for checks against the reference (it is slow on most GPUs).
+cuBLAS runs in plain FP32 (CuPy enables TF32 only when CUPY_TF32=1 is set).
 """
 
 from __future__ import annotations
@@ -85,18 +86,19 @@ def _import_cupy():
 
 
 # ----------------------------------------------------------------------------
-# CUDA source. One module, compiled once per process (per dtype: float32 only)
+# CUDA source. One module, compiled once per process and dtype
 # with NVRTC through cupy.RawModule. Every kernel is a 1-D grid-stride loop
 # over its OUTPUT elements, with 64-bit flat indices; a thread writes only the
 # element it owns (gather, no atomics). Shapes are NHWC unless noted.
 # ----------------------------------------------------------------------------
 CUDA_SOURCE = r"""
+// `real` and the math macros EXP, FABS, LOG1P, SQRT come from the dtype prelude (REAL_PRELUDE).
 #define GRID_LOOP(idx, total) \
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < (total); \
          idx += (long long)blockDim.x * gridDim.x)
 
 // col (N*H*W, k*k*C): col[(n,h,w), (i*k+j)*C + c] = x[n, h+i-p, w+j-p, c], zero outside.
-extern "C" __global__ void im2col_nhwc(const float* __restrict__ x, float* __restrict__ col,
+extern "C" __global__ void im2col_nhwc(const real* __restrict__ x, real* __restrict__ col,
                                        int N, int H, int W, int C, int k, int p) {
     const long long kk = (long long)k * k;
     const long long total = (long long)N * H * W * kk * C;
@@ -111,7 +113,7 @@ extern "C" __global__ void im2col_nhwc(const float* __restrict__ x, float* __res
         const long long n = r / H;
         const int hi = h + t / k - p;
         const int wi = w + t % k - p;
-        float v = 0.0f;
+        real v = (real)0;
         if (hi >= 0 && hi < H && wi >= 0 && wi < W) v = x[((n * H + hi) * W + wi) * C + c];
         col[idx] = v;
     }
@@ -119,7 +121,7 @@ extern "C" __global__ void im2col_nhwc(const float* __restrict__ x, float* __res
 
 // The adjoint of im2col, as a gather: dx[n,h,w,c] = sum_{i,j} dcol[(n, h-i+p, w-j+p), (i*k+j)*C + c]
 // over the taps whose source pixel lies inside the image. Fixed (i, j) order: deterministic.
-extern "C" __global__ void col2im_nhwc(const float* __restrict__ dcol, float* __restrict__ dx,
+extern "C" __global__ void col2im_nhwc(const real* __restrict__ dcol, real* __restrict__ dx,
                                        int N, int H, int W, int C, int k, int p) {
     const long long kk = (long long)k * k;
     const long long total = (long long)N * H * W * C;
@@ -130,7 +132,7 @@ extern "C" __global__ void col2im_nhwc(const float* __restrict__ dcol, float* __
         r /= W;
         const int h = (int)(r % H);
         const long long n = r / H;
-        float s = 0.0f;
+        real s = (real)0;
         for (int i = 0; i < k; ++i) {
             const int ho = h - i + p;
             if (ho < 0 || ho >= H) continue;
@@ -145,34 +147,34 @@ extern "C" __global__ void col2im_nhwc(const float* __restrict__ dcol, float* __
 }
 
 // y (M, C) in place: y += b[c]; then max(y, 0) when relu != 0.
-extern "C" __global__ void bias_act(float* __restrict__ y, const float* __restrict__ b,
+extern "C" __global__ void bias_act(real* __restrict__ y, const real* __restrict__ b,
                                     long long total, int C, int relu) {
     GRID_LOOP(idx, total) {
-        float v = y[idx] + b[idx % C];
-        if (relu && !(v > 0.0f)) v = 0.0f;
+        real v = y[idx] + b[idx % C];
+        if (relu && !(v > (real)0)) v = (real)0;
         y[idx] = v;
     }
 }
 
 // y = max(x, 0)
-extern "C" __global__ void relu_fwd(const float* __restrict__ x, float* __restrict__ y, long long total) {
+extern "C" __global__ void relu_fwd(const real* __restrict__ x, real* __restrict__ y, long long total) {
     GRID_LOOP(idx, total) {
-        const float v = x[idx];
-        y[idx] = v > 0.0f ? v : 0.0f;
+        const real v = x[idx];
+        y[idx] = v > (real)0 ? v : (real)0;
     }
 }
 
 // dx = dy * [y > 0]   (y is the ReLU output; y > 0 exactly where its input > 0)
-extern "C" __global__ void relu_bwd(const float* __restrict__ dy, const float* __restrict__ y,
-                                    float* __restrict__ dx, long long total) {
+extern "C" __global__ void relu_bwd(const real* __restrict__ dy, const real* __restrict__ y,
+                                    real* __restrict__ dx, long long total) {
     GRID_LOOP(idx, total) {
-        dx[idx] = y[idx] > 0.0f ? dy[idx] : 0.0f;
+        dx[idx] = y[idx] > (real)0 ? dy[idx] : (real)0;
     }
 }
 
 // x (N,H,W,C) -> y (N,H/2,W/2,C), am (N,H/2,W/2,C) in 0..3 (row-major in the window:
 // 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right). First maximum wins (strict >).
-extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __restrict__ y,
+extern "C" __global__ void maxpool_fwd(const real* __restrict__ x, real* __restrict__ y,
                                        unsigned char* __restrict__ am, int N, int H, int W, int C) {
     const int Ho = H / 2, Wo = W / 2;
     const long long total = (long long)N * Ho * Wo * C;
@@ -183,9 +185,9 @@ extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __res
         r /= Wo;
         const int ho = (int)(r % Ho);
         const long long n = r / Ho;
-        const float* p0 = x + ((n * H + 2 * ho) * W + 2 * wo) * C + c;  // top-left of the window
-        const float v[4] = {p0[0], p0[C], p0[(long long)W * C], p0[(long long)W * C + C]};
-        float best = v[0];
+        const real* p0 = x + ((n * H + 2 * ho) * W + 2 * wo) * C + c;  // top-left of the window
+        const real v[4] = {p0[0], p0[C], p0[(long long)W * C], p0[(long long)W * C + C]};
+        real best = v[0];
         unsigned char a = 0;
         for (unsigned char q = 1; q < 4; ++q) {
             if (v[q] > best) { best = v[q]; a = q; }
@@ -196,8 +198,8 @@ extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __res
 }
 
 // Gather per input pixel: dx[n,h,w,c] = dy[n,h/2,w/2,c] if this pixel is its window's argmax, else 0.
-extern "C" __global__ void maxpool_bwd(const float* __restrict__ dy, const unsigned char* __restrict__ am,
-                                       float* __restrict__ dx, int N, int H, int W, int C) {
+extern "C" __global__ void maxpool_bwd(const real* __restrict__ dy, const unsigned char* __restrict__ am,
+                                       real* __restrict__ dx, int N, int H, int W, int C) {
     const int Ho = H / 2, Wo = W / 2;
     const long long total = (long long)N * H * W * C;
     GRID_LOOP(idx, total) {
@@ -209,14 +211,14 @@ extern "C" __global__ void maxpool_bwd(const float* __restrict__ dy, const unsig
         const long long n = r / H;
         const long long o = ((n * Ho + (h >> 1)) * Wo + (w >> 1)) * C + c;
         const unsigned char q = (unsigned char)(((h & 1) << 1) | (w & 1));
-        dx[idx] = am[o] == q ? dy[o] : 0.0f;
+        dx[idx] = am[o] == q ? dy[o] : (real)0;
     }
 }
 
 // Up-conv forward, second half: T (N*H*W, 4*Co) holds sum_c x[n,h,w,c] * w[c,o,i,j] at column
 // (i*2+j)*Co + o. y[n,2h+i,2w+j,o] = T[(n,h,w), (i*2+j)*Co + o] + b[o]   (y is N,2H,2W,Co).
-extern "C" __global__ void upconv_expand(const float* __restrict__ T, const float* __restrict__ b,
-                                         float* __restrict__ y, int N, int H, int W, int Co) {
+extern "C" __global__ void upconv_expand(const real* __restrict__ T, const real* __restrict__ b,
+                                         real* __restrict__ y, int N, int H, int W, int Co) {
     const int H2 = 2 * H, W2 = 2 * W;
     const long long total = (long long)N * H2 * W2 * Co;
     GRID_LOOP(idx, total) {
@@ -232,7 +234,7 @@ extern "C" __global__ void upconv_expand(const float* __restrict__ T, const floa
 }
 
 // The inverse permutation: dT[(n,h,w), (i*2+j)*Co + o] = dy[n, 2h+i, 2w+j, o].
-extern "C" __global__ void upconv_collect(const float* __restrict__ dy, float* __restrict__ dT,
+extern "C" __global__ void upconv_collect(const real* __restrict__ dy, real* __restrict__ dT,
                                           int N, int H, int W, int Co) {
     const long long total = (long long)N * H * W * 4 * Co;
     GRID_LOOP(idx, total) {
@@ -249,8 +251,8 @@ extern "C" __global__ void upconv_collect(const float* __restrict__ dy, float* _
 }
 
 // out (P, Ca+Cb) = [a (P, Ca) | b (P, Cb)] per pixel (P = N*H*W): channels of a first.
-extern "C" __global__ void concat_c(const float* __restrict__ a, const float* __restrict__ b,
-                                    float* __restrict__ out, long long P, int Ca, int Cb) {
+extern "C" __global__ void concat_c(const real* __restrict__ a, const real* __restrict__ b,
+                                    real* __restrict__ out, long long P, int Ca, int Cb) {
     const int Ct = Ca + Cb;
     const long long total = P * Ct;
     GRID_LOOP(idx, total) {
@@ -262,8 +264,8 @@ extern "C" __global__ void concat_c(const float* __restrict__ a, const float* __
 
 // The adjoint: da (P, Ca) = d[:, :Ca], db (P, Cb) = d[:, Ca:]. One thread per element of d,
 // each writes exactly one distinct element of da or db.
-extern "C" __global__ void split_c(const float* __restrict__ d, float* __restrict__ da,
-                                   float* __restrict__ db, long long P, int Ca, int Cb) {
+extern "C" __global__ void split_c(const real* __restrict__ d, real* __restrict__ da,
+                                   real* __restrict__ db, long long P, int Ca, int Cb) {
     const int Ct = Ca + Cb;
     const long long total = P * Ct;
     GRID_LOOP(idx, total) {
@@ -275,44 +277,50 @@ extern "C" __global__ void split_c(const float* __restrict__ d, float* __restric
 }
 
 // Stable sigmoid: exp of a non-positive number only.
-extern "C" __global__ void sigmoid_k(const float* __restrict__ z, float* __restrict__ s, long long total) {
+extern "C" __global__ void sigmoid_k(const real* __restrict__ z, real* __restrict__ s, long long total) {
     GRID_LOOP(idx, total) {
-        const float v = z[idx];
-        const float e = expf(-fabsf(v));
-        s[idx] = v >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+        const real v = z[idx];
+        const real e = EXP(-FABS(v));
+        s[idx] = v >= (real)0 ? (real)1 / ((real)1 + e) : e / ((real)1 + e);
     }
 }
 
 // Fused sigmoid + BCE with logits, per element:
 //   lp = max(z,0) - z*y + log1p(exp(-|z|))      dz = (sigmoid(z) - y) / n
-extern "C" __global__ void sigmoid_bce_k(const float* __restrict__ z, const float* __restrict__ y,
-                                         float* __restrict__ lp, float* __restrict__ dz,
-                                         long long total, float n) {
+extern "C" __global__ void sigmoid_bce_k(const real* __restrict__ z, const real* __restrict__ y,
+                                         real* __restrict__ lp, real* __restrict__ dz,
+                                         long long total, real n) {
     GRID_LOOP(idx, total) {
-        const float v = z[idx], t = y[idx];
-        const float e = expf(-fabsf(v));
-        lp[idx] = (v > 0.0f ? v : 0.0f) - v * t + log1pf(e);
-        const float s = v >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+        const real v = z[idx], t = y[idx];
+        const real e = EXP(-FABS(v));
+        lp[idx] = (v > (real)0 ? v : (real)0) - v * t + LOG1P(e);
+        const real s = v >= (real)0 ? (real)1 / ((real)1 + e) : e / ((real)1 + e);
         dz[idx] = (s - t) / n;
     }
 }
 
 // Adam, in place:  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
 //                  p -= lr * (m / bc1) / (sqrt(v / bc2) + eps),  bc1 = 1-b1^t, bc2 = 1-b2^t.
-extern "C" __global__ void adam_k(float* __restrict__ p, const float* __restrict__ g,
-                                  float* __restrict__ m, float* __restrict__ v, long long total,
-                                  float lr, float b1, float omb1, float b2, float omb2,
-                                  float eps, float bc1, float bc2) {
+extern "C" __global__ void adam_k(real* __restrict__ p, const real* __restrict__ g,
+                                  real* __restrict__ m, real* __restrict__ v, long long total,
+                                  real lr, real b1, real omb1, real b2, real omb2,
+                                  real eps, real bc1, real bc2) {
     GRID_LOOP(idx, total) {
-        const float gi = g[idx];
-        const float mi = b1 * m[idx] + omb1 * gi;
-        const float vi = b2 * v[idx] + omb2 * gi * gi;
+        const real gi = g[idx];
+        const real mi = b1 * m[idx] + omb1 * gi;
+        const real vi = b2 * v[idx] + omb2 * gi * gi;
         m[idx] = mi;
         v[idx] = vi;
-        p[idx] -= lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
+        p[idx] -= lr * (mi / bc1) / (SQRT(vi / bc2) + eps);
     }
 }
 """
+
+# Prepended to CUDA_SOURCE, one per dtype: the element type and its math functions.
+REAL_PRELUDE = {
+    "float32": "typedef float real;\n#define EXP expf\n#define FABS fabsf\n#define LOG1P log1pf\n#define SQRT sqrtf\n",
+    "float64": "typedef double real;\n#define EXP exp\n#define FABS fabs\n#define LOG1P log1p\n#define SQRT sqrt\n",
+}
 
 KERNEL_NAMES = (
     "im2col_nhwc",
@@ -339,9 +347,9 @@ _MAX_GRID = 1 << 16  # blocks; the grid-stride loops cover any size beyond
 
 
 def _compiled_kernels(cupy, dtype_name: str) -> dict[str, Any]:
-    """Compile CUDA_SOURCE once per dtype (NVRTC, via cupy.RawModule) and fetch every kernel."""
+    """Compile REAL_PRELUDE[dtype] + CUDA_SOURCE once per dtype (NVRTC, via cupy.RawModule) and fetch every kernel."""
     if dtype_name not in _KERNELS:
-        module = cupy.RawModule(code=CUDA_SOURCE)
+        module = cupy.RawModule(code=REAL_PRELUDE[dtype_name] + CUDA_SOURCE)
         _KERNELS[dtype_name] = {name: module.get_function(name) for name in KERNEL_NAMES}
     return _KERNELS[dtype_name]
 
@@ -373,13 +381,13 @@ class CupyBackend:
     """The U-Net ops on an NVIDIA GPU. See the module docstring for layout and determinism.
 
     Construct through ``get_backend("cupy")``. Raises GpuUnavailableError when
-    cupy or a device is missing, ValueError for a dtype other than float32.
+    cupy or a device is missing, ValueError for a dtype other than float32/float64.
     """
 
     name = "cupy"
 
     def __init__(self, dtype="float32", col_budget_bytes: int = 2 << 30):
-        self.dtype = np.dtype(check_dtype(dtype, allowed=("float32",)))
+        self.dtype = np.dtype(check_dtype(dtype))
         self.col_budget_bytes = int(col_budget_bytes)
         self._setup()
         self._ones = None  # cached vector of ones for db = 1^T dZ
@@ -400,7 +408,7 @@ class CupyBackend:
 
         Array arguments must be contiguous device arrays; scalars must already be
         numpy scalars of the C type the kernel declares (np.int32 for int,
-        np.int64 for long long, np.float32 for float)."""
+        np.int64 for long long, self.dtype.type for real)."""
         if total <= 0:
             return
         if self._kernels is None:
@@ -650,7 +658,7 @@ class CupyBackend:
             raise ValueError(f"targets have shape {tuple(y.shape)}, logits {tuple(z.shape)}")
         lp = self.xp.empty_like(z)
         dz = self.xp.empty_like(z)
-        self._launch("sigmoid_bce_k", z.size, z, y, lp, dz, np.int64(z.size), np.float32(z.size))
+        self._launch("sigmoid_bce_k", z.size, z, y, lp, dz, np.int64(z.size), self.dtype.type(z.size))
         loss = lp.sum(dtype=np.float64) / z.size
         return loss, dz
 
@@ -670,11 +678,11 @@ class CupyBackend:
             if not a.flags.c_contiguous or a.dtype != self.dtype:
                 raise ValueError(f"adam_step needs {name} as a contiguous {self.dtype.name} array")
         g = self._c(g)
-        f32 = np.float32
+        r = self.dtype.type  # the kernel's `real`
         self._launch(
             "adam_k", p.size, p, g, m, v, np.int64(p.size),
-            f32(lr), f32(beta1), f32(1 - beta1), f32(beta2), f32(1 - beta2),
-            f32(eps), f32(1 - beta1**t), f32(1 - beta2**t),
+            r(lr), r(beta1), r(1 - beta1), r(beta2), r(1 - beta2),
+            r(eps), r(1 - beta1**t), r(1 - beta2**t),
         )
 
     # -- input pipeline (not part of the Backend protocol) ---------------------
