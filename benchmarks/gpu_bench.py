@@ -337,7 +337,7 @@ def check_twin(base=8, depth=3, batch=2, size=64):
     tgrads = {n: p.grad.detach().cpu().numpy() for n, p in tm.named_parameters()}
     topt.step()
     tp = {n: p.detach().cpu().numpy() for n, p in tm.named_parameters()}
-    errs = {"loss": abs(loss - float(tloss)) / max(abs(float(tloss)), 1e-12),
+    errs = {"loss": abs(loss - tloss.item()) / max(abs(tloss.item()), 1e-12),
             "logits": max_rel_err(be.to_host(logits), tl.detach().cpu().numpy())}
     errs["grads (worst)"] = max(max_rel_err(be.to_host(model.grads[n]), tgrads[torch_name(n)]) for n in model.params)
     errs["params after Adam (worst)"] = max(max_rel_err(be.to_host(model.params[n]), tp[torch_name(n)])
