@@ -1,4 +1,4 @@
-"""The Numba CPU backend: parallel Numba kernels, with BLAS for the convolutions.
+"""The Numba CPU backend: Numba kernels and BLAS, on a small pool of threads.
 
 Same ops and semantics as the NumPy reference (``numpy_ref.py``, the spec);
 float32 or float64. Activations are held channels-last, NHWC, between
@@ -8,38 +8,49 @@ memory layout). Parameters stay in PyTorch layouts; each op rearranges its
 (small) weight into the matrix it multiplies by.
 
 Strategy, chosen by measurement (see ``benchmarks/README.md``):
-- conv k x k: im2col + GEMM in chunks of image rows, so the column buffer
-  (k*k*Cin values per pixel) stays in cache and is reused, never a 300 MB
-  array; the chunk GEMM is NumPy's BLAS; bias and ReLU are fused into one
-  Numba pass over the chunk while it is still in cache. The input gradient is
-  the same convolution of dz with the flipped, transposed kernel, the weight
-  gradient the sum over chunks of col^T @ dz.
-- 1x1 conv and 2x2 up-conv: one GEMM over all pixels plus a Numba
-  scatter/gather of the 2x2 blocks.
-- everything else: one parallel Numba loop.
+- Every op splits its work into chunks of image rows whose boundaries depend
+  only on the shapes, and a pool of one thread per core takes chunks from a
+  queue. Each chunk runs serial ``nogil`` Numba kernels and single-threaded
+  BLAS. There is no fork/join barrier per chunk, so a busy machine (other
+  processes on the cores) slows the op in proportion instead of stalling
+  every parallel region; on a shared 2-core machine this measured 30x faster
+  than Numba ``prange`` loops around multi-threaded BLAS calls.
+- conv k x k: per chunk, im2col into a per-thread buffer of about 2 MB (it
+  stays in cache), one GEMM into the output rows, bias and ReLU fused in one
+  pass over the rows still in cache. No full-size column buffer is built.
+  The input gradient is the same convolution of dz with the flipped,
+  transposed kernel; the weight gradient is a per-chunk col^T @ dz.
+- 1x1 conv, 2x2 up-conv: a GEMM per chunk of pixels, plus a scatter/gather
+  of the 2x2 blocks for the up-conv.
 
-Determinism: no parallel loop writes to a location another iteration writes,
-reductions are split into a fixed number of blocks (independent of the thread
-count) whose partial sums are added in order, and BLAS is called with the
-same shapes every run. The same inputs give the same bytes run after run.
+Determinism: chunk boundaries are fixed by the shapes, each chunk writes only
+its own rows, and reductions (db, dw) keep one partial per chunk that are
+added in chunk order after all chunks finish. Which thread ran a chunk does
+not matter, so the same inputs give the same bytes run after run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import NamedTuple
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from minunet.kernels.base import check_dtype
 
-_JIT = dict(cache=True, fastmath=False)
-_PAR = dict(cache=True, fastmath=False, parallel=True)
+_JIT = dict(cache=True, fastmath=False, nogil=True)
 
-# Rows of the im2col buffer per chunk: about 2-4 MB of columns at the U-Net's
-# shapes, so a chunk's columns stay in L2/L3 between the copy and the GEMM.
-_CHUNK_ELEMS = 1 << 20
-_SUM_BLOCKS = 64  # fixed number of partial sums in reductions (deterministic)
+# Work per chunk. Conv: about 2**19 im2col values (2 MB in float32) per chunk;
+# elementwise ops: about 2**18 values.
+_COL_ELEMS = 1 << 19
+_ELEMS = 1 << 18
 
 
 class ConvCache(NamedTuple):
@@ -63,51 +74,141 @@ class UpConvCache(NamedTuple):
 
 
 # ---------------------------------------------------------------------------
-# Kernels. Arrays are C-contiguous NHWC unless said otherwise; "P" is N*H*W.
+# Threads: a pool of one worker per core, and single-threaded BLAS inside it.
+# ---------------------------------------------------------------------------
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _workers() -> int:
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
+
+
+def _run(fn, chunks):
+    """[fn(*c) for c in chunks], the chunks shared out to the pool (in the caller's thread if one)."""
+    global _pool
+    if len(chunks) <= 1 or _workers() == 1:
+        return [fn(*c) for c in chunks]
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(_workers(), thread_name_prefix="minunet-numba")
+    with _single_threaded_blas():
+        return list(_pool.map(lambda c: fn(*c), chunks))
+
+
+def _ranges(total, per):
+    """[(lo, hi)] covering range(total) in steps of per (>= 1): the chunk boundaries."""
+    per = max(1, int(per))
+    return [(lo, min(total, lo + per)) for lo in range(0, total, per)]
+
+
+def _find_openblas():
+    """ctypes handles (get, set) of the thread count of NumPy's bundled OpenBLAS, or None."""
+    libdir = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get, set_ in (
+            ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+            ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+            ("openblas_get_num_threads", "openblas_set_num_threads"),
+        ):
+            if hasattr(lib, get) and hasattr(lib, set_):
+                getter, setter = getattr(lib, get), getattr(lib, set_)
+                getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+                return getter, setter
+    return None
+
+
+_openblas = _find_openblas()
+_blas_lock = threading.Lock()
+
+
+@contextmanager
+def _single_threaded_blas():
+    """BLAS on one thread while the pool's workers each call it (restored afterwards).
+
+    Without NumPy's OpenBLAS (another BLAS build) this does nothing: results
+    are the same, only slower from oversubscribed threads."""
+    if _openblas is None:
+        yield
+        return
+    get, set_ = _openblas
+    with _blas_lock:
+        before = get()
+        set_(1)
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            set_(before)
+
+
+def _tls_buffer(shape, dtype):
+    """A scratch array private to the calling thread, reused across calls (never returned)."""
+    bufs = _tls.__dict__.setdefault("bufs", {})
+    key = (shape, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None:
+        buf = bufs[key] = np.empty(shape, dtype)
+    return buf
+
+
+_tls = threading.local()
+
+
+# ---------------------------------------------------------------------------
+# Kernels: serial, nogil; each works on one chunk. "P" is N*H*W (pixels).
 # ---------------------------------------------------------------------------
 
 
-@njit(**_PAR)
-def _im2col_rows(x, r0, nrows, k, col):
-    """col[(rr*W + w), (i*k + j)*C + c] = xpad[n, h+i-p, w+j-p, c] for image row r0+rr = n*H + h.
+@njit(**_JIT)
+def _im2col(x, r0, r1, k, col):
+    """col[(r-r0)*W + w, (i*k + j)*C + c] = xpad[n, h+i-p, w+j-p, c] for image rows r = n*H + h in [r0, r1).
 
-    x (N,H,W,C); col (nrows*W, k*k*C); zero padding p = k//2. For a fixed
-    (pixel, i) the k taps j are k*C contiguous values of x's row h+i-p."""
+    x (N,H,W,C) NHWC; col ((r1-r0)*W, k*k*C); zero padding p = k//2. For a
+    fixed (pixel, i) the k taps j are k*C contiguous values of x's row h+i-p,
+    so a pixel's column is k contiguous copies."""
     N, H, W, C = x.shape
     p = k // 2
     kc = k * C
+    kkc = k * kc
     xf = x.reshape(N * H * W * C)
-    for rr in prange(nrows):
-        r = r0 + rr
+    cf = col.reshape(col.size)
+    for r in range(r0, r1):
         n = r // H
         h = r - n * H
         for i in range(k):
             hs = h + i - p
             for w in range(W):
-                row = rr * W + w
-                base = i * kc
+                d = ((r - r0) * W + w) * kkc + i * kc
                 if hs < 0 or hs >= H:
-                    for t in range(kc):
-                        col[row, base + t] = 0
+                    cf[d : d + kc] = 0
                     continue
-                # source pixels w-p .. w+p of row hs; those outside [0, W) are padding.
-                wlo = w - p
-                src = ((n * H + hs) * W + wlo) * C
-                jlo = 0 if wlo >= 0 else -wlo
-                jhi = k if w + p < W else k - (w + p - W + 1)
-                for t in range(jlo * C):
-                    col[row, base + t] = 0
-                for t in range(jlo * C, jhi * C):
-                    col[row, base + t] = xf[src + t]
-                for t in range(jhi * C, kc):
-                    col[row, base + t] = 0
+                s = ((n * H + hs) * W + w - p) * C  # x[n, hs, w-p, 0]; only taps inside [0, W) are read
+                jlo = max(0, p - w)
+                jhi = min(k, W - w + p)
+                if C >= 8:
+                    cf[d : d + jlo * C] = 0
+                    cf[d + jlo * C : d + jhi * C] = xf[s + jlo * C : s + jhi * C]
+                    cf[d + jhi * C : d + kc] = 0
+                else:  # few channels: a plain loop beats slice copies
+                    for t in range(kc):
+                        if jlo * C <= t < jhi * C:
+                            cf[d + t] = xf[s + t]
+                        else:
+                            cf[d + t] = 0
 
 
-@njit(**_PAR)
+@njit(**_JIT)
 def _bias_act(y, b, relu):
     """In place on y (M, Cout): y += b, then max(y, 0) when relu."""
     M, C = y.shape
-    for m in prange(M):
+    for m in range(M):
         for o in range(C):
             v = y[m, o] + b[o]
             if relu and v < 0:
@@ -116,56 +217,35 @@ def _bias_act(y, b, relu):
                 y[m, o] = v
 
 
-@njit(**_PAR)
-def _relu_mask_colsum(dy, y, dz, nblocks):
-    """dz = dy * [y > 0]; returns db = sum_m dz[m, :].   dy, y, dz (M, C).
-
-    The column sums are taken in float64 over ``nblocks`` fixed blocks of
-    rows, then added in block order: deterministic for any thread count."""
+@njit(**_JIT)
+def _relu_mask_colsum(dy, y, dz, out):
+    """dz = dy * [y > 0]; out (C,) float64 = sum_m dz[m, :].   dy, y, dz (M, C)."""
     M, C = dy.shape
-    part = np.zeros((nblocks, C), np.float64)
-    step = (M + nblocks - 1) // nblocks
-    for blk in prange(nblocks):
-        lo = blk * step
-        hi = min(M, lo + step)
-        for m in range(lo, hi):
-            for o in range(C):
-                if y[m, o] > 0:
-                    v = dy[m, o]
-                    dz[m, o] = v
-                    part[blk, o] += v
-                else:
-                    dz[m, o] = 0
-    out = np.zeros(C, np.float64)
-    for blk in range(nblocks):
+    out[:] = 0
+    for m in range(M):
         for o in range(C):
-            out[o] += part[blk, o]
-    return out
+            if y[m, o] > 0:
+                v = dy[m, o]
+                dz[m, o] = v
+                out[o] += v
+            else:
+                dz[m, o] = 0
 
 
-@njit(**_PAR)
-def _colsum(a, nblocks):
-    """sum_m a[m, :] for a (M, C), in float64 over fixed blocks added in order (deterministic)."""
+@njit(**_JIT)
+def _colsum(a, out):
+    """out (C,) float64 = sum_m a[m, :] for a (M, C)."""
     M, C = a.shape
-    part = np.zeros((nblocks, C), np.float64)
-    step = (M + nblocks - 1) // nblocks
-    for blk in prange(nblocks):
-        lo = blk * step
-        hi = min(M, lo + step)
-        for m in range(lo, hi):
-            for o in range(C):
-                part[blk, o] += a[m, o]
-    out = np.zeros(C, np.float64)
-    for blk in range(nblocks):
+    out[:] = 0
+    for m in range(M):
         for o in range(C):
-            out[o] += part[blk, o]
-    return out
+            out[o] += a[m, o]
 
 
-@njit(**_PAR)
+@njit(**_JIT)
 def _relu_fwd(x, y):
     """y = max(x, 0), flat arrays."""
-    for i in prange(x.size):
+    for i in range(x.size):
         v = x[i]
         if v < 0:
             y[i] = 0
@@ -173,24 +253,24 @@ def _relu_fwd(x, y):
             y[i] = v
 
 
-@njit(**_PAR)
+@njit(**_JIT)
 def _relu_bwd(dy, y, dx):
     """dx = dy * [y > 0], flat arrays."""
-    for i in prange(dy.size):
+    for i in range(dy.size):
         if y[i] > 0:
             dx[i] = dy[i]
         else:
             dx[i] = 0
 
 
-@njit(**_PAR)
-def _maxpool_fwd(x, y, am):
-    """x (N,H,W,C) -> y (N,H/2,W/2,C), am uint8 window index of the first maximum.
+@njit(**_JIT)
+def _maxpool_fwd(x, y, am, r0, r1):
+    """x (N,H,W,C) -> y (N,H/2,W/2,C), am uint8 window index of the first maximum; output rows [r0, r1).
 
     Window order: 0 (0,0), 1 (0,1), 2 (1,0), 3 (1,1). A NaN wins as in np.argmax."""
     N, H, W, C = x.shape
     Ho, Wo = H // 2, W // 2
-    for r in prange(N * Ho):
+    for r in range(r0, r1):
         n = r // Ho
         ho = r - n * Ho
         for wo in range(Wo):
@@ -209,11 +289,11 @@ def _maxpool_fwd(x, y, am):
                 am[n, ho, wo, c] = arg
 
 
-@njit(**_PAR)
-def _maxpool_bwd(dy, am, dx):
-    """dx (N,H,W,C): each input pixel gathers dy of its window if it is the window's argmax, else 0."""
+@njit(**_JIT)
+def _maxpool_bwd(dy, am, dx, r0, r1):
+    """dx (N,H,W,C), input rows [r0, r1): each pixel takes dy of its window if it is the argmax, else 0."""
     N, H, W, C = dx.shape
-    for r in prange(N * H):
+    for r in range(r0, r1):
         n = r // H
         h = r - n * H
         ho = h // 2
@@ -228,35 +308,37 @@ def _maxpool_bwd(dy, am, dx):
                     dx[n, h, w, c] = 0
 
 
-@njit(**_PAR)
-def _upconv_scatter(z, b, y):
-    """y[n, 2h+i, 2w+j, o] = z[(n,h,w), (i*2+j)*Cout + o] + b[o].  z (N*H*W, 4*Cout), y (N,2H,2W,Cout)."""
+@njit(**_JIT)
+def _upconv_scatter(z, b, y, r0):
+    """y[n, 2h+i, 2w+j, o] = z[(r-r0)*W + w, (i*2+j)*Cout + o] + b[o] for input rows r = n*H + h.
+
+    z (rows*W, 4*Cout) holds input rows [r0, r0 + rows); y (N,2H,2W,Cout)."""
     N, H2, W2, Co = y.shape
     H, W = H2 // 2, W2 // 2
-    for r in prange(N * H2):
-        n = r // H2
-        yy = r - n * H2
-        h = yy // 2
-        i = yy - 2 * h
-        for xx in range(W2):
-            w = xx // 2
-            j = xx - 2 * w
-            zr = (n * H + h) * W + w
-            zc = (i * 2 + j) * Co
-            for o in range(Co):
-                y[n, yy, xx, o] = z[zr, zc + o] + b[o]
+    for rr in range(z.shape[0] // W):
+        r = r0 + rr
+        n = r // H
+        h = r - n * H
+        for i in range(2):
+            for w in range(W):
+                zr = rr * W + w
+                for j in range(2):
+                    zc = (i * 2 + j) * Co
+                    for o in range(Co):
+                        y[n, 2 * h + i, 2 * w + j, o] = z[zr, zc + o] + b[o]
 
 
-@njit(**_PAR)
-def _upconv_gather(dy, dz):
-    """dz[(n,h,w), (i*2+j)*Cout + o] = dy[n, 2h+i, 2w+j, o]: the adjoint of the scatter."""
+@njit(**_JIT)
+def _upconv_gather(dy, dz, r0):
+    """dz[(r-r0)*W + w, (i*2+j)*Cout + o] = dy[n, 2h+i, 2w+j, o]: the adjoint of the scatter."""
     N, H2, W2, Co = dy.shape
     H, W = H2 // 2, W2 // 2
-    for r in prange(N * H):
+    for rr in range(dz.shape[0] // W):
+        r = r0 + rr
         n = r // H
         h = r - n * H
         for w in range(W):
-            zr = (n * H + h) * W + w
+            zr = rr * W + w
             for i in range(2):
                 for j in range(2):
                     zc = (i * 2 + j) * Co
@@ -264,70 +346,58 @@ def _upconv_gather(dy, dz):
                         dz[zr, zc + o] = dy[n, 2 * h + i, 2 * w + j, o]
 
 
-@njit(**_PAR)
+@njit(**_JIT)
 def _concat_last(a, b, out):
     """out[p, :Ca] = a[p], out[p, Ca:] = b[p]; a (P,Ca), b (P,Cb), out (P,Ca+Cb)."""
     P, Ca = a.shape
     Cb = b.shape[1]
-    for p in prange(P):
+    for p in range(P):
         for c in range(Ca):
             out[p, c] = a[p, c]
         for c in range(Cb):
             out[p, Ca + c] = b[p, c]
 
 
-@njit(**_PAR)
-def _split_last(d, ca, a, b):
-    """a[p] = d[p, :ca], b[p] = d[p, ca:]: the adjoint of the concat."""
-    P, C = d.shape
-    for p in prange(P):
-        for c in range(ca):
+@njit(**_JIT)
+def _split_last(d, a, b):
+    """a[p] = d[p, :Ca], b[p] = d[p, Ca:]: the adjoint of the concat."""
+    P, Ca = a.shape
+    Cb = b.shape[1]
+    for p in range(P):
+        for c in range(Ca):
             a[p, c] = d[p, c]
-        for c in range(C - ca):
-            b[p, c] = d[p, ca + c]
+        for c in range(Cb):
+            b[p, c] = d[p, Ca + c]
 
 
-@njit(**_PAR)
+@njit(**_JIT)
 def _sigmoid(z, s):
-    """s = 1/(1+exp(-z)) for z >= 0, exp(z)/(1+exp(z)) otherwise; flat arrays."""
-    for i in prange(z.size):
+    """s = 1/(1+exp(-z)) for z >= 0, exp(z)/(1+exp(z)) otherwise (exp only sees -|z|); flat arrays."""
+    for i in range(z.size):
         v = z[i]
         e = np.exp(-abs(v))
         s[i] = 1 / (1 + e) if v >= 0 else e / (1 + e)
 
 
-@njit(**_PAR)
-def _sigmoid_bce(z, y, dz, nblocks):
-    """Per pixel l = max(z,0) - z*y + log1p(exp(-|z|)) (in z's dtype), dz = (sigmoid(z) - y) / size.
-
-    Returns sum(l) in float64, summed over fixed blocks in order (deterministic)."""
-    n = z.size
-    scale = z.dtype.type(n)
-    part = np.zeros(nblocks, np.float64)
-    step = (n + nblocks - 1) // nblocks
-    for blk in prange(nblocks):
-        lo = blk * step
-        hi = min(n, lo + step)
-        acc = 0.0
-        for i in range(lo, hi):
-            v = z[i]
-            t = y[i]
-            e = np.exp(-abs(v))
-            acc += (max(v, 0) - v * t) + np.log1p(e)
-            s = 1 / (1 + e) if v >= 0 else e / (1 + e)
-            dz[i] = (s - t) / scale
-        part[blk] = acc
-    total = 0.0
-    for blk in range(nblocks):
-        total += part[blk]
-    return total
+@njit(**_JIT)
+def _sigmoid_bce(z, y, dz, size):
+    """Per pixel l = max(z,0) - z*y + log1p(exp(-|z|)), dz = (sigmoid(z) - y) / size; returns sum(l) (float64)."""
+    acc = 0.0
+    for i in range(z.size):
+        v = z[i]
+        t = y[i]
+        e = np.exp(-abs(v))
+        acc += (max(v, 0) - v * t) + np.log1p(e)
+        s = 1 / (1 + e) if v >= 0 else e / (1 + e)
+        dz[i] = (s - t) / size
+    return acc
 
 
-@njit(**_PAR)
+@njit(**_JIT)
 def _adam(p, g, m, v, lr, b1, b2, eps, c1, c2, omb1, omb2):
     """The reference's Adam, operation for operation, in the arrays' dtype (all scalars already cast;
     omb1 = 1-b1 and omb2 = 1-b2 rounded once from float64, c1 = 1-b1^t, c2 = 1-b2^t)."""
-    for i in prange(p.size):
+    for i in range(p.size):
         gi = g[i]
         mi = m[i] * b1 + omb1 * gi
         vi = v[i] * b2 + omb2 * gi * gi
@@ -339,6 +409,10 @@ def _adam(p, g, m, v, lr, b1, b2, eps, c1, c2, omb1, omb2):
 # ---------------------------------------------------------------------------
 
 
+def _flat_ranges(n):
+    return _ranges(n, _ELEMS)
+
+
 class NumbaBackend:
     """The fast CPU backend. Activations are NHWC (channels-last) between from_nchw and to_nchw."""
 
@@ -347,15 +421,6 @@ class NumbaBackend:
 
     def __init__(self, dtype="float32"):
         self.dtype = np.dtype(check_dtype(dtype))
-        self._scratch = {}
-
-    def _buffer(self, key, shape, dtype):
-        """A scratch array reused across calls (never returned to the caller)."""
-        buf = self._scratch.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = np.empty(shape, dtype)
-            self._scratch[key] = buf
-        return buf
 
     # -- layout --------------------------------------------------------------
     def from_nchw(self, x):
@@ -373,60 +438,71 @@ class NumbaBackend:
         return np.asarray(a)
 
     # -- convolution ---------------------------------------------------------
-    def _conv_gemm(self, x, wmat, k, b, relu, out2d):
-        """out2d (P, Cout) = im2col(x) @ wmat (+ b, ReLU), chunk by chunk of image rows.
+    @staticmethod
+    def _conv_rows(x, wmat, k, b, relu, out2d):
+        """out2d (P, Cout) = im2col(x) @ wmat (+ b, then ReLU), chunk by chunk of image rows.
 
-        x (N,H,W,Cin) NHWC; wmat (k*k*Cin, Cout) with rows ordered (i, j, c)."""
+        x (N,H,W,Cin) NHWC; wmat (k*k*Cin, Cout) with rows ordered (i, j, c); b None for no bias."""
         N, H, W, Cin = x.shape
-        K, Cout = wmat.shape
-        rows = N * H
-        if k == 1:
-            np.dot(x.reshape(N * H * W, Cin), wmat, out=out2d)
-            if b is not None:
-                _bias_act(out2d, b, relu)
-            return
-        per = max(1, min(rows, _CHUNK_ELEMS // (W * K)))
-        col_full = self._buffer(("col", per * W, K), (per * W, K), x.dtype)
-        for r0 in range(0, rows, per):
-            nr = min(per, rows - r0)
-            col = col_full[: nr * W]
-            _im2col_rows(x, r0, nr, k, col)
-            yc = out2d[r0 * W : (r0 + nr) * W]
-            np.dot(col, wmat, out=yc)
+        K = wmat.shape[0]
+
+        def chunk(r0, r1):
+            yc = out2d[r0 * W : r1 * W]  # (rows*W, Cout)
+            if k == 1:
+                np.dot(x.reshape(N * H * W, Cin)[r0 * W : r1 * W], wmat, out=yc)
+            else:
+                col = _tls_buffer((per * W, K), x.dtype)[: (r1 - r0) * W]
+                _im2col(x, r0, r1, k, col)
+                np.dot(col, wmat, out=yc)
             if b is not None:
                 _bias_act(yc, b, relu)
 
-    def _conv_dw(self, x, dz2d, k):
-        """dwmat (k*k*Cin, Cout) = sum over chunks of im2col(x)^T @ dz, chunks added in order."""
+        per = max(1, _COL_ELEMS // (W * K))
+        _run(chunk, _ranges(N * H, per))
+
+    @staticmethod
+    def _conv_grads(x, dy2d, y2d, k, dz2d):
+        """Per chunk of image rows: dz = dy * [y > 0] (or dy when y is None) into dz2d, the chunk's
+        db (float64) and dw partial im2col(x)^T @ dz; the partials are added in chunk order.
+        Returns (dwmat (k*k*Cin, Cout), db (Cout,) float64)."""
         N, H, W, Cin = x.shape
-        Cout = dz2d.shape[1]
+        Cout = dy2d.shape[1]
         K = k * k * Cin
-        if k == 1:
-            return x.reshape(N * H * W, Cin).T @ dz2d
-        rows = N * H
-        per = max(1, min(rows, _CHUNK_ELEMS // (W * K)))
-        col_full = self._buffer(("col", per * W, K), (per * W, K), x.dtype)
-        dwmat = np.zeros((K, Cout), x.dtype)
-        part = self._buffer(("dwpart", K, Cout), (K, Cout), x.dtype)
-        for r0 in range(0, rows, per):
-            nr = min(per, rows - r0)
-            col = col_full[: nr * W]
-            _im2col_rows(x, r0, nr, k, col)
-            np.dot(col.T, dz2d[r0 * W : (r0 + nr) * W], out=part)
-            dwmat += part
-        return dwmat
+        per = max(1, _COL_ELEMS // (W * K))
+        ranges = _ranges(N * H, per)
+
+        def chunk(r0, r1):
+            lo, hi = r0 * W, r1 * W
+            db = np.empty(Cout, np.float64)
+            if y2d is not None:
+                _relu_mask_colsum(dy2d[lo:hi], y2d[lo:hi], dz2d[lo:hi], db)
+            else:
+                _colsum(dz2d[lo:hi], db)
+            if k == 1:
+                col = x.reshape(N * H * W, Cin)[lo:hi]
+            else:
+                col = _tls_buffer((per * W, K), x.dtype)[: hi - lo]
+                _im2col(x, r0, r1, k, col)
+            return col.T @ dz2d[lo:hi], db
+
+        parts = _run(chunk, ranges)
+        dwmat, db = parts[0][0].copy(), parts[0][1].copy()
+        for dwp, dbp in parts[1:]:
+            dwmat += dwp
+            db += dbp
+        return dwmat, db
 
     def conv2d_forward(self, x, w, b, relu=False):
         """y[n,h,w,o] = b[o] + sum_{i,j,c} xpad[n,h+i,w+j,c] * w[o,c,i,j], then max(y,0) if relu.
 
         x (N,H,W,Cin) NHWC, w (Cout,Cin,k,k), k odd, zero pad k//2 -> y (N,H,W,Cout).
         As a matrix product: Y (P,Cout) = col (P, k*k*Cin) @ Wmat, Wmat[(i,j,c), o] = w[o,c,i,j]."""
+        x = np.ascontiguousarray(x)
         N, H, W, Cin = x.shape
         Cout, _, k, _ = w.shape
         wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * Cin, Cout), dtype=x.dtype)
-        x = np.ascontiguousarray(x)
         y = np.empty((N, H, W, Cout), x.dtype)
-        self._conv_gemm(x, wmat, k, np.ascontiguousarray(b, dtype=x.dtype), relu, y.reshape(N * H * W, Cout))
+        self._conv_rows(x, wmat, k, np.ascontiguousarray(b, dtype=x.dtype), relu, y.reshape(N * H * W, Cout))
         return y, ConvCache(x, w, y if relu else None)
 
     def conv2d_backward(self, dy, cache, need_dx=True):
@@ -439,34 +515,37 @@ class NumbaBackend:
         N, H, W, Cin = x.shape
         Cout, _, k, _ = w.shape
         P = N * H * W
-        dy2d = dy.reshape(P, Cout)
+        dy2d = np.ascontiguousarray(dy).reshape(P, Cout)
         if y is not None:
-            dz2d = np.empty((P, Cout), dy.dtype)
-            db = _relu_mask_colsum(np.ascontiguousarray(dy2d), y.reshape(P, Cout), dz2d, _SUM_BLOCKS)
+            dz2d = np.empty((P, Cout), x.dtype)
+            dwmat, db = self._conv_grads(x, dy2d, y.reshape(P, Cout), k, dz2d)
         else:
-            dz2d = np.ascontiguousarray(dy2d)
-            db = _colsum(dz2d, _SUM_BLOCKS)
-        dwmat = self._conv_dw(x, dz2d, k)
+            dz2d = dy2d
+            dwmat, db = self._conv_grads(x, dy2d, None, k, dz2d)
         dw = np.ascontiguousarray(dwmat.reshape(k, k, Cin, Cout).transpose(3, 2, 0, 1)).astype(w.dtype, copy=False)
         dx = None
         if need_dx:
             # flipped kernel: wflip[(i,j,o), c] = w[o, c, k-1-i, k-1-j]
             wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(k * k * Cout, Cin), x.dtype)
             dx = np.empty((N, H, W, Cin), x.dtype)
-            self._conv_gemm(dz2d.reshape(N, H, W, Cout), wflip, k, None, False, dx.reshape(P, Cin))
+            self._conv_rows(dz2d.reshape(N, H, W, Cout), wflip, k, None, False, dx.reshape(P, Cin))
         return dx, dw, db.astype(w.dtype)
 
     # -- ReLU ----------------------------------------------------------------
     def relu_forward(self, x):
         """y = max(x, 0)."""
-        y = np.empty_like(x)
-        _relu_fwd(x.reshape(-1), y.reshape(-1))
+        xf = np.ascontiguousarray(x).reshape(-1)
+        y = np.empty(x.shape, x.dtype)
+        yf = y.reshape(-1)
+        _run(lambda lo, hi: _relu_fwd(xf[lo:hi], yf[lo:hi]), _flat_ranges(xf.size))
         return y, ReluCache(y)
 
     def relu_backward(self, dy, cache):
         """dx = dy * [y > 0] (0 at the kink)."""
-        dx = np.empty_like(dy)
-        _relu_bwd(np.ascontiguousarray(dy).reshape(-1), cache.y.reshape(-1), dx.reshape(-1))
+        dyf, yf = np.ascontiguousarray(dy).reshape(-1), cache.y.reshape(-1)
+        dx = np.empty(cache.y.shape, dy.dtype)
+        dxf = dx.reshape(-1)
+        _run(lambda lo, hi: _relu_bwd(dyf[lo:hi], yf[lo:hi], dxf[lo:hi]), _flat_ranges(dyf.size))
         return dx
 
     # -- max-pool ------------------------------------------------------------
@@ -474,33 +553,50 @@ class NumbaBackend:
         """y = max of each 2x2 window; argmax = first maximum in row-major window order (ties -> lowest).
 
         x (N,H,W,C) NHWC -> y (N,H/2,W/2,C), cache.argmax (N,H/2,W/2,C) uint8."""
+        x = np.ascontiguousarray(x)
         N, H, W, C = x.shape
         if H % 2 or W % 2:
             raise ValueError(f"max-pool needs even H and W, got {H}x{W}")
         y = np.empty((N, H // 2, W // 2, C), x.dtype)
         am = np.empty((N, H // 2, W // 2, C), np.uint8)
-        _maxpool_fwd(x, y, am)
+        _run(lambda r0, r1: _maxpool_fwd(x, y, am, r0, r1), _ranges(N * H // 2, _ELEMS // (2 * W * C)))
         return y, PoolCache(am, x.shape)
 
     def maxpool2x2_backward(self, dy, cache):
         """dx[n,2h+i,2w+j,c] = dy[n,h,w,c] if argmax[n,h,w,c] == 2i+j else 0."""
+        N, H, W, C = cache.shape
+        dy = np.ascontiguousarray(dy)
         dx = np.empty(cache.shape, dy.dtype)
-        _maxpool_bwd(np.ascontiguousarray(dy), cache.argmax, dx)
+        _run(lambda r0, r1: _maxpool_bwd(dy, cache.argmax, dx, r0, r1), _ranges(N * H, _ELEMS // (W * C)))
         return dx
 
     # -- up-conv ---------------------------------------------------------------
+    @staticmethod
+    def _upconv_wm(w, dtype):
+        """Wm (Cin, 4*Cout), Wm[c, (i*2+j)*Cout + o] = w[c,o,i,j]."""
+        Cin, Cout = w.shape[:2]
+        return np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(Cin, 4 * Cout), dtype=dtype)
+
     def upconv2x2_forward(self, x, w, b):
         """y[n,2h+i,2w+j,o] = b[o] + sum_c x[n,h,w,c] * w[c,o,i,j].
 
-        x (N,H,W,Cin) NHWC, w (Cin,Cout,2,2) -> y (N,2H,2W,Cout). One GEMM
-        Z (P, 4*Cout) = X (P,Cin) @ Wm, Wm[c, (i,j,o)] = w[c,o,i,j], then a scatter."""
+        x (N,H,W,Cin) NHWC, w (Cin,Cout,2,2) -> y (N,2H,2W,Cout). Per chunk of
+        rows: Z (rows*W, 4*Cout) = X @ Wm, then a scatter of the 2x2 blocks."""
+        x = np.ascontiguousarray(x)
         N, H, W, Cin = x.shape
         Cout = w.shape[1]
-        wm = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(Cin, 4 * Cout), dtype=x.dtype)
-        z = self._buffer(("upz", N * H * W, 4 * Cout), (N * H * W, 4 * Cout), x.dtype)
-        np.dot(x.reshape(N * H * W, Cin), wm, out=z)
+        wm = self._upconv_wm(w, x.dtype)
+        b = np.ascontiguousarray(b, dtype=x.dtype)
+        x2d = x.reshape(N * H * W, Cin)
         y = np.empty((N, 2 * H, 2 * W, Cout), x.dtype)
-        _upconv_scatter(z, np.ascontiguousarray(b, dtype=x.dtype), y)
+        per = max(1, _ELEMS // (W * 4 * Cout))
+
+        def chunk(r0, r1):
+            z = _tls_buffer((per * W, 4 * Cout), x.dtype)[: (r1 - r0) * W]
+            np.dot(x2d[r0 * W : r1 * W], wm, out=z)
+            _upconv_scatter(z, b, y, r0)
+
+        _run(chunk, _ranges(N * H, per))
         return y, UpConvCache(x, w)
 
     def upconv2x2_backward(self, dy, cache):
@@ -509,16 +605,29 @@ class NumbaBackend:
         x, w = cache
         N, H, W, Cin = x.shape
         Cout = w.shape[1]
-        P = N * H * W
-        wm = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(Cin, 4 * Cout), dtype=x.dtype)
+        wmT = self._upconv_wm(w, x.dtype).T
         dy = np.ascontiguousarray(dy)
-        dz = self._buffer(("updz", P, 4 * Cout), (P, 4 * Cout), x.dtype)
-        _upconv_gather(dy, dz)
+        x2d = x.reshape(N * H * W, Cin)
         dx = np.empty((N, H, W, Cin), x.dtype)
-        np.dot(dz, wm.T, out=dx.reshape(P, Cin))
-        dwm = x.reshape(P, Cin).T @ dz  # (Cin, 4*Cout) ordered (c, (i,j,o))
+        dx2d = dx.reshape(N * H * W, Cin)
+        per = max(1, _ELEMS // (W * 4 * Cout))
+
+        def chunk(r0, r1):
+            lo, hi = r0 * W, r1 * W
+            dz = _tls_buffer((per * W, 4 * Cout), x.dtype)[: hi - lo]
+            _upconv_gather(dy, dz, r0)
+            np.dot(dz, wmT, out=dx2d[lo:hi])
+            db = np.empty(4 * Cout, np.float64)
+            _colsum(dz, db)
+            return x2d[lo:hi].T @ dz, db
+
+        parts = _run(chunk, _ranges(N * H, per))
+        dwm, db4 = parts[0][0].copy(), parts[0][1].copy()
+        for dwp, dbp in parts[1:]:
+            dwm += dwp
+            db4 += dbp
         dw = np.ascontiguousarray(dwm.reshape(Cin, 2, 2, Cout).transpose(0, 3, 1, 2)).astype(w.dtype, copy=False)
-        db = _colsum(dy.reshape(4 * P, Cout), _SUM_BLOCKS)
+        db = db4.reshape(4, Cout).sum(axis=0)
         return dx, dw, db.astype(w.dtype)
 
     # -- skip connection -------------------------------------------------------
@@ -526,17 +635,22 @@ class NumbaBackend:
         """(N,H,W,Ca), (N,H,W,Cb) -> (N,H,W,Ca+Cb), a's channels first."""
         N, H, W, Ca = a.shape
         Cb = b.shape[3]
+        P = N * H * W
+        a2, b2 = np.ascontiguousarray(a).reshape(P, Ca), np.ascontiguousarray(b).reshape(P, Cb)
         out = np.empty((N, H, W, Ca + Cb), a.dtype)
-        _concat_last(a.reshape(N * H * W, Ca), b.reshape(N * H * W, Cb), out.reshape(N * H * W, Ca + Cb))
+        o2 = out.reshape(P, Ca + Cb)
+        _run(lambda lo, hi: _concat_last(a2[lo:hi], b2[lo:hi], o2[lo:hi]), _ranges(P, _ELEMS // (Ca + Cb)))
         return out
 
     def split_channels(self, d, ca):
         """(N,H,W,Ca+Cb) -> ((N,H,W,Ca), (N,H,W,Cb)), fresh arrays: the adjoint of concat."""
         N, H, W, C = d.shape
+        P = N * H * W
+        d2 = np.ascontiguousarray(d).reshape(P, C)
         a = np.empty((N, H, W, ca), d.dtype)
         b = np.empty((N, H, W, C - ca), d.dtype)
-        _split_last(np.ascontiguousarray(d).reshape(N * H * W, C), ca, a.reshape(N * H * W, ca),
-                    b.reshape(N * H * W, C - ca))
+        a2, b2 = a.reshape(P, ca), b.reshape(P, C - ca)
+        _run(lambda lo, hi: _split_last(d2[lo:hi], a2[lo:hi], b2[lo:hi]), _ranges(P, _ELEMS // C))
         return a, b
 
     # -- output and loss -----------------------------------------------------
@@ -544,15 +658,23 @@ class NumbaBackend:
         """1 / (1 + exp(-z)), written so exp only sees -|z| (NCHW in and out)."""
         z = np.ascontiguousarray(z)
         s = np.empty_like(z)
-        _sigmoid(z.reshape(-1), s.reshape(-1))
+        zf, sf = z.reshape(-1), s.reshape(-1)
+        _run(lambda lo, hi: _sigmoid(zf[lo:hi], sf[lo:hi]), _flat_ranges(zf.size))
         return s
 
     def sigmoid_bce(self, z, y):
-        """loss = mean(max(z,0) - z*y + log1p(exp(-|z|))); dz = (sigmoid(z) - y) / z.size. NCHW."""
+        """loss = mean(max(z,0) - z*y + log1p(exp(-|z|))); dz = (sigmoid(z) - y) / z.size. NCHW.
+
+        The per-chunk sums (float64) are added in chunk order: deterministic."""
         z = np.ascontiguousarray(z)
         y = np.ascontiguousarray(y, dtype=z.dtype)
         dz = np.empty_like(z)
-        total = _sigmoid_bce(z.reshape(-1), y.reshape(-1), dz.reshape(-1), _SUM_BLOCKS)
+        zf, yf, dzf = z.reshape(-1), y.reshape(-1), dz.reshape(-1)
+        size = z.dtype.type(z.size)
+        parts = _run(lambda lo, hi: _sigmoid_bce(zf[lo:hi], yf[lo:hi], dzf[lo:hi], size), _flat_ranges(zf.size))
+        total = 0.0
+        for s in parts:
+            total += s
         return float(total / z.size), dz
 
     # -- optimizer -----------------------------------------------------------
@@ -560,5 +682,7 @@ class NumbaBackend:
         """m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
         p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps), in place, in p's dtype."""
         T = p.dtype.type
-        _adam(p.reshape(-1), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), m.reshape(-1), v.reshape(-1),
-              T(lr), T(beta1), T(beta2), T(eps), T(1 - beta1**t), T(1 - beta2**t), T(1 - beta1), T(1 - beta2))
+        pf, mf, vf = p.reshape(-1), m.reshape(-1), v.reshape(-1)
+        gf = np.ascontiguousarray(g, dtype=p.dtype).reshape(-1)
+        args = (T(lr), T(beta1), T(beta2), T(eps), T(1 - beta1**t), T(1 - beta2**t), T(1 - beta1), T(1 - beta2))
+        _run(lambda lo, hi: _adam(pf[lo:hi], gf[lo:hi], mf[lo:hi], vf[lo:hi], *args), _flat_ranges(pf.size))
