@@ -309,3 +309,29 @@ def test_unet_deterministic(name):
         out.append({k: host(be, p).tobytes() for k, p in model.params.items()})
         runs.append(out)
     assert runs[0] == runs[1]
+
+
+def test_numba_many_chunks_matches_reference(monkeypatch):
+    """Tiny chunk sizes force every numba op through many chunks on the thread pool (the real
+    shapes' path), including the in-order sums of per-chunk dw/db partials; results must match
+    the reference and be bitwise identical run to run."""
+    from minunet.kernels import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "_COL_ELEMS", 300)
+    monkeypatch.setattr(numba_cpu, "_ELEMS", 64)
+    rng = np.random.default_rng(11)
+    x = rng.random((3, 1, 32, 16)).astype("float64")
+    y = (rng.random(x.shape) > 0.5).astype("float64")
+    ref = UNet(1, 4, 2, backend="numpy", dtype="float64", seed=2)
+    loss_ref, logits_ref, grads_ref = _train_step(ref, x, y)
+    outs = []
+    for _ in range(2):
+        fast = UNet(1, 4, 2, backend=numba_cpu.NumbaBackend("float64"), dtype="float64", seed=2)
+        outs.append(_train_step(fast, x, y))
+    loss, logits, grads = outs[0]
+    assert abs(loss - loss_ref) <= 1e-10
+    assert_close(logits, logits_ref, "float64", "logits")
+    for n in grads_ref:
+        assert_close(grads[n], grads_ref[n], "float64", n)
+    assert outs[0][1].tobytes() == outs[1][1].tobytes()
+    assert all(outs[0][2][n].tobytes() == outs[1][2][n].tobytes() for n in grads_ref)
