@@ -1,0 +1,165 @@
+"""Checkpoints: model weights, Adam state, position in training and config, in one .npz.
+
+Layout of the archive (``np.savez``, no pickles):
+
+    __minunet__          the string "minunet-checkpoint" (how a checkpoint is recognised)
+    format_version       int
+    meta                 JSON: model config, train config, epoch, step, batch, RNG scheme, history...
+    param/<name>         every model parameter (float32, or float16 for a shipped model)
+    adam_m/<name>, adam_v/<name>   Adam's moments (absent in weights-only files)
+
+Writes go to a temporary file in the same folder, then ``os.replace``: a
+crash or Ctrl-C mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from minunet.errors import CheckpointError
+
+MAGIC = "minunet-checkpoint"
+FORMAT_VERSION = 1
+MODEL_KEYS = ("in_channels", "base_channels", "depth")
+
+
+def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) -> Path:
+    """Write ``model``'s parameters (and ``optimizer``'s state, when given) with ``meta``.
+
+    ``meta`` is any JSON-able dict (epoch, step, configs...); the model's
+    config is stored under ``meta['model']``. ``weights_dtype='float16'``
+    stores the weights in half precision (for a shipped model; the optimizer
+    state is then usually left out)."""
+    path = Path(path)
+    be = model.backend
+    meta = dict(meta or {})
+    meta["model"] = model.config
+    meta["weights_dtype"] = str(np.dtype(weights_dtype or model.dtype))
+    meta["has_optimizer"] = optimizer is not None
+    arrays = {
+        "__minunet__": np.array(MAGIC),
+        "format_version": np.array(FORMAT_VERSION),
+        "meta": np.array(json.dumps(meta)),
+    }
+    for name, p in model.params.items():
+        a = np.asarray(be.to_host(p))
+        arrays[f"param/{name}"] = a.astype(weights_dtype) if weights_dtype else a
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        meta_opt = {k: state[k] for k in ("t", "lr", "betas", "eps")}
+        arrays["adam"] = np.array(json.dumps(meta_opt))
+        for name in model.params:
+            arrays[f"adam_m/{name}"] = state["m"][name]
+            arrays[f"adam_v/{name}"] = state["v"][name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+class Checkpoint:
+    """A loaded checkpoint: ``meta`` (dict), ``params`` (name -> numpy array), ``adam`` (or None)."""
+
+    def __init__(self, path, meta, params, adam):
+        self.path, self.meta, self.params, self.adam = Path(path), meta, params, adam
+
+    @property
+    def model_config(self) -> dict:
+        return dict(self.meta["model"])
+
+    def check_model_config(self, wanted: dict, hint: str = ""):
+        """Raise CheckpointError when a key of ``wanted`` (e.g. depth) differs from the checkpoint's."""
+        have = self.model_config
+        diffs = [f"{k} {wanted[k]} (checkpoint has {have.get(k)})" for k in wanted
+                 if wanted[k] is not None and k in have and have[k] != wanted[k]]
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {self.path} does not match the flags: {', '.join(diffs)}"
+                + (f": {hint}" if hint else ": drop those flags or pass the matching values")
+            )
+
+    def build_model(self, backend="numpy", dtype="float32"):
+        """A UNet with this checkpoint's architecture and weights."""
+        from minunet.model import UNet
+
+        cfg = self.model_config
+        model = UNet(cfg["in_channels"], cfg["base_channels"], cfg["depth"], backend=backend, dtype=dtype)
+        self.load_into(model)
+        return model
+
+    def load_into(self, model, optimizer=None):
+        """Copy the weights (and the Adam state, when both exist) into ``model`` / ``optimizer``."""
+        self.check_model_config(self.model_config_of(model))
+        if set(model.params) != set(self.params):
+            missing = sorted(set(model.params) ^ set(self.params))
+            raise CheckpointError(f"checkpoint {self.path} has different parameters ({missing[0]} ...): "
+                                  "it was made by another version of the model")
+        be = model.backend
+        for name, p in model.params.items():
+            a = self.params[name]
+            if tuple(a.shape) != tuple(p.shape):
+                raise CheckpointError(f"checkpoint {self.path}: {name} has shape {a.shape}, the model wants {p.shape}")
+            p[...] = be.asarray(a.astype(model.dtype, copy=False))
+        if optimizer is not None:
+            if self.adam is None:
+                raise CheckpointError(f"checkpoint {self.path} holds weights only: it cannot resume training")
+            try:
+                optimizer.load_state_dict(self.adam)
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {self.path}: the optimizer state does not fit ({e})") from None
+
+    @staticmethod
+    def model_config_of(model) -> dict:
+        return {k: model.config[k] for k in MODEL_KEYS}
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint; CheckpointError when it is missing, damaged or not a minunet checkpoint."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"model file {path} does not exist: pass --model with a checkpoint (e.g. runs/x/best.npz)"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file: pass --model with a checkpoint .npz file")
+    not_ours = f"{path} is not a minunet checkpoint: pass a .npz written by 'minunet train'"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            if "__minunet__" not in files or str(z["__minunet__"]) != MAGIC:
+                raise CheckpointError(not_ours)
+            version = int(z["format_version"])
+            if version > FORMAT_VERSION:
+                raise CheckpointError(f"checkpoint {path} has format {version}, newer than this minunet "
+                                      f"({FORMAT_VERSION}): upgrade minunet")
+            meta = json.loads(str(z["meta"]))
+            params = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
+            adam = None
+            if "adam" in files:
+                adam = json.loads(str(z["adam"]))
+                adam["m"] = {k[len("adam_m/"):]: z[k] for k in z.files if k.startswith("adam_m/")}
+                adam["v"] = {k[len("adam_v/"):]: z[k] for k in z.files if k.startswith("adam_v/")}
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError):
+        raise CheckpointError(not_ours) from None
+    if "model" not in meta or any(k not in meta["model"] for k in MODEL_KEYS):
+        raise CheckpointError(f"checkpoint {path} lacks its model config: it is damaged; use another checkpoint")
+    return Checkpoint(path, meta, params, adam)

@@ -1,0 +1,64 @@
+"""Helpers shared by the commands: default paths, progress rendering, model loading."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SAMPLE_DATA = ASSETS / "sample"
+DEFAULT_MODEL = ASSETS / "model" / "lung_unet.npz"
+
+BACKENDS = click.Choice(["auto", "numpy", "numba", "cupy"], case_sensitive=False)
+MASKS = click.Choice(["lung", "infection"], case_sensitive=False)
+
+
+def load_model(path, backend_name="auto", base_channels=None, depth=None):
+    """(model, checkpoint, backend note) from a checkpoint; checks explicit flags against its config."""
+    from minunet.checkpoint import load_checkpoint
+    from minunet.errors import CheckpointError
+    from minunet.train import resolve_backend
+
+    path = Path(path)
+    if not path.exists() and path == DEFAULT_MODEL:
+        raise CheckpointError(
+            f"the shipped model {path} is not there (this install has no pretrained model yet): "
+            "pass --model with a checkpoint, e.g. --model runs/sample/best.npz after 'minunet train'"
+        )
+    ck = load_checkpoint(path)
+    ck.check_model_config({"base_channels": base_channels, "depth": depth})
+    backend, note = resolve_backend(backend_name)
+    return ck.build_model(backend), ck, note
+
+
+class Bar:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, label, done, total, extra="", force=False):
+        if not self.tty:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        width = 28
+        fill = int(width * done / max(total, 1))
+        line = f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {extra}"
+        self.stream.write(line.ljust(100)[:140])
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self):
+        if self.tty and self.shown:
+            self.stream.write("\r" + " " * 110 + "\r")
+            self.stream.flush()
+            self.shown = False

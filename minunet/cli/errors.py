@@ -1,0 +1,55 @@
+"""One-line errors for the command line.
+
+Every command runs inside ``MinunetGroup``: a ``MinunetError`` (bad data, bad
+checkpoint, bad settings) or a click usage error becomes one line on stderr,
+
+    Error: <what is wrong, which file, what to do>
+
+and exit status 2; nothing prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from minunet.errors import MinunetError
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(click.ClickException):
+    """Raise from a command for bad input: one line, exit status 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+class MinunetGroup(click.Group):
+    """A click group whose errors are one line and exit 2 (usage errors included)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MinunetError as e:
+            raise CliError(str(e)) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            msg = _one_line(e.format_message())
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                msg += f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"Error: {msg}", err=True)
+            sys.exit(EXIT_BAD_INPUT if isinstance(e, click.UsageError) else e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,124 @@
+"""``minunet train``: train a U-Net, with a progress bar and one line per epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+from click.core import ParameterSource
+
+from minunet.cli.common import BACKENDS, MASKS, SAMPLE_DATA, Bar
+from minunet.cli.errors import CliError
+
+
+class TrainReporter:
+    """Renders train()'s progress events: a bar while an epoch runs, a table row after it."""
+
+    def __init__(self):
+        self.bar = Bar()
+        self.header_done = False
+
+    def __call__(self, event, **i):
+        echo = click.echo
+        if event == "backend":
+            if i.get("note"):
+                echo(f"note: {i['note']}", err=True)
+            echo(f"backend: {i['name']}")
+        elif event == "decode":
+            self.bar.update(f"decoding {i['what']}", i["done"], i["total"])
+            if i["done"] == i["total"]:
+                self.bar.clear()
+        elif event == "data":
+            echo(f"data: {i['describe']}")
+            ex = f", {i['excluded']} excluded" if i["excluded"] else ""
+            echo(f"      train {i['n_train']}, val {i['n_val']} ({i['val_source']}{ex}); {i['masks']}"
+                 + ("; from cache" if i["cached"] else ""))
+        elif event == "epoch_start":
+            if not self.header_done:
+                echo(f"{'epoch':>5}  {'train loss':>10}  {'val loss':>8}  {'val Dice':>8}  {'val IoU':>8}  "
+                     f"{'seconds':>8}  {'img/s':>6}")
+                self.header_done = True
+            self.epoch, self.epochs = i["epoch"], i["epochs"]
+        elif event == "batch":
+            self.bar.update(f"epoch {i['epoch']}/{self.epochs}", i["batch"], i["n_batches"],
+                            f"loss {i['loss']:.4f}  {i['images_per_s']:.1f} img/s")
+        elif event == "validate":
+            self.bar.update(f"validating {self.epoch}/{self.epochs}", i["done"], i["total"])
+        elif event == "epoch_end":
+            self.bar.clear()
+            r = i["row"]
+            echo(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {r['val_loss']:>8.4f}  {r['val_dice']:>8.4f}  "
+                 f"{r['val_iou']:>8.4f}  {r['seconds']:>8.1f}  {r['images_per_s']:>6.1f}"
+                 + ("  *" if i["best"] else ""))
+        elif event == "interrupt_requested":
+            self.bar.clear()
+            echo("stopping after this step (Ctrl-C again to stop at once)...", err=True)
+        elif event in ("interrupted", "nonfinite"):
+            self.bar.clear()
+            echo(i["message"], err=True)
+        elif event == "done":
+            self.bar.clear()
+
+
+@click.command("train")
+@click.argument("data", required=False, type=click.Path(path_type=str))
+@click.option("--mask", type=MASKS, default="lung", show_default=True, help="Which masks to learn.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="cosine: from lr down to lr/20 over all epochs.")
+@click.option("--loss", type=click.Choice(["bce", "bce+dice"]), default="bce", show_default=True)
+@click.option("--base-channels", type=int, default=16, show_default=True)
+@click.option("--depth", type=int, default=4, show_default=True)
+@click.option("--size", type=int, default=256, show_default=True, help="Images are resized to SIZE x SIZE.")
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Held-out share per class when the data has no Val split.")
+@click.option("--limit", type=int, default=None, help="Use only N images (a seeded pick), for quick runs.")
+@click.option("--augment/--no-augment", default=False, show_default=True,
+              help="Seeded small rotations, shifts and intensity changes.")
+@click.option("--exclude", type=click.Path(path_type=str), default=None,
+              help="Text file of image names to keep out (e.g. minunet/assets/sample/FILES.txt).")
+@click.option("--cache-dir", type=click.Path(path_type=str), default=None,
+              help="Where decoded images are cached [default: $MINUNET_CACHE or ~/.cache/minunet].")
+@click.option("--no-cache", is_flag=True, help="Decode every time; write no cache.")
+@click.option("--out", type=click.Path(path_type=str), default="runs/train", show_default=True,
+              help="Run folder: config.json, history.csv, curves.png, last.npz, best.npz.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
+@click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
+@click.pass_context
+def train_cmd(ctx, data, **opts):
+    """Train a U-Net on DATA (default: the 150-image sample shipped with minunet).
+
+    \b
+    Examples:
+      minunet train --out runs/sample
+      minunet train "Infection Segmentation Data" --mask lung --epochs 5 --out runs/lung
+      minunet train --resume --out runs/lung
+    """
+    from minunet.train import TrainConfig, load_run_config, train
+
+    resume, force, no_cache = opts.pop("resume"), opts.pop("force"), opts.pop("no_cache")
+    if no_cache:
+        opts["cache_dir"] = ""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in opts.items() if k in fields}
+    if resume:
+        saved = load_run_config(opts["out"])
+        for k in fields - {"out"}:
+            given = k in values and ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE
+            if not given and k in saved and k != "data":
+                values[k] = saved[k]
+        data = data or saved.get("data")
+    data = data or str(SAMPLE_DATA)
+    values["mask"] = values["mask"].lower()
+    values["backend"] = values["backend"].lower()
+    cfg = TrainConfig(data=data, **values)
+    result = train(cfg, TrainReporter(), resume=resume, force=force)
+    if result.status == "interrupted":
+        ctx.exit(130)
+    if result.status == "nonfinite":
+        raise CliError(result.message)
+    click.echo(f"best val Dice {result.best_dice:.4f} at epoch {result.best_epoch}; run folder {result.out}")
