@@ -60,3 +60,18 @@ class Adam:
                 if tuple(theirs[n].shape) != tuple(mine[n].shape):
                     raise ValueError(f"optimizer state for {n} has shape {theirs[n].shape}, expected {mine[n].shape}")
                 mine[n][...] = self.backend.asarray(theirs[n], dtype=mine[n].dtype)
+
+
+def cosine_lr(base_lr, step, total_steps, warmup_steps=0):
+    """Learning rate at ``step`` (0-based) of a cosine schedule from base_lr down to 0.
+
+    A linear warm-up over the first ``warmup_steps`` steps, then
+    lr = base_lr * (1 + cos(pi * progress)) / 2 with progress from 0 to 1.
+    A function of the step alone, so a resumed run follows the same curve.
+    """
+    if total_steps <= 0:
+        return base_lr
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * 0.5 * (1.0 + float(np.cos(np.pi * progress)))

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from minunet.gradcheck import numeric_gradient
+from minunet.losses import bce_with_logits, loss_and_grad, soft_dice_with_logits
+from minunet.optim import cosine_lr
+
+rng = np.random.default_rng(3)
+
+
+def _rel(a, n):
+    return np.max(np.abs(a - n)) / max(np.max(np.abs(a)), np.max(np.abs(n)))
+
+
+@pytest.mark.parametrize("kind", ["bce", "bce+dice"])
+def test_training_losses_match_finite_differences(kind):
+    z = 2 * rng.standard_normal((3, 1, 4, 5))
+    y = (rng.random(z.shape) > 0.5).astype(np.float64)
+    y[2] = 0  # an empty mask
+    _, dz = loss_and_grad(kind, z, y)
+    numeric = numeric_gradient(lambda: loss_and_grad(kind, z, y)[0], z)
+    assert _rel(dz, numeric) < 1e-6
+
+
+def test_soft_dice_values():
+    y = np.zeros((2, 1, 4, 4))
+    y[0, 0, :2] = 1
+    perfect = np.where(y > 0, 30.0, -30.0)
+    assert soft_dice_with_logits(perfect, y)[0] == pytest.approx(0.0, abs=1e-9)
+    assert soft_dice_with_logits(-perfect, y)[0] > 0.9  # inverted: image 0 all wrong, image 1 all wrong
+
+
+def test_bce_plus_dice_is_the_sum():
+    z = rng.standard_normal((2, 1, 3, 3))
+    y = (rng.random(z.shape) > 0.5).astype(float)
+    total, _ = loss_and_grad("bce+dice", z, y)
+    assert total == pytest.approx(bce_with_logits(z, y)[0] + soft_dice_with_logits(z, y)[0])
+
+
+def test_unknown_loss_and_shape_mismatch():
+    with pytest.raises(ValueError, match="unknown loss"):
+        loss_and_grad("l2", np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="shape"):
+        bce_with_logits(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 3)))
+
+
+def test_cosine_schedule():
+    assert cosine_lr(1e-3, 0, 100) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 50, 100) == pytest.approx(5e-4)
+    assert cosine_lr(1e-3, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_lr(1e-3, 0, 100, warmup_steps=10) == pytest.approx(1e-4)
+    lrs = [cosine_lr(1.0, s, 100, warmup_steps=5) for s in range(100)]
+    assert max(lrs) == pytest.approx(1.0, rel=1e-3) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
