@@ -52,6 +52,7 @@ from minunet.kernels.base import get_backend
 from minunet.metrics import ScoreAccumulator
 from minunet.model import UNet
 from minunet.optim import Adam
+from minunet.postprocess import keep_largest
 
 # Settings that fix the sequence of updates: a resumed run must use the same ones.
 DETERMINISTIC_KEYS = (
@@ -176,10 +177,12 @@ class EvalResult:
         return out
 
 
-def evaluate_model(model, data: ArraySet, batch_size: int = 8, threshold: float = 0.5, progress=None) -> EvalResult:
+def evaluate_model(model, data: ArraySet, batch_size: int = 8, threshold: float = 0.5, progress=None,
+                   keep_largest_k: int = 0) -> EvalResult:
     """Mean per-image and pooled Dice/IoU of ``model`` on every image of ``data``.
 
-    The prediction is sigmoid(logits) > threshold. Training's validation and
+    The prediction is sigmoid(logits) > threshold, then (when ``keep_largest_k``
+    > 0) only its k largest connected components. Training's validation and
     ``minunet evaluate`` both call this."""
     if data.masks is None:
         raise ConfigError("these images have no masks, so they cannot be scored")
@@ -191,6 +194,8 @@ def evaluate_model(model, data: ArraySet, batch_size: int = 8, threshold: float 
         loss, _ = be.sigmoid_bce(logits, be.asarray(y))
         loss_sum += loss * len(x)
         pred = np.asarray(be.to_host(be.sigmoid(logits))) > threshold
+        if keep_largest_k > 0:
+            pred = keep_largest(pred, keep_largest_k)
         overall.add(pred, y)
         for k in range(len(x)):
             g = data.groups[start + k] or "all"

@@ -7,6 +7,8 @@ import click
 from minunet import __version__
 from minunet.cli.bench import bench
 from minunet.cli.errors import MinunetGroup
+from minunet.cli.evaluate import evaluate_cmd
+from minunet.cli.predict import predict_cmd
 from minunet.cli.train import train_cmd
 
 
@@ -17,6 +19,8 @@ def main():
 
 
 main.add_command(train_cmd)
+main.add_command(evaluate_cmd)
+main.add_command(predict_cmd)
 main.add_command(bench)
 
 
