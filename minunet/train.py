@@ -49,9 +49,10 @@ from minunet.data import (
 )
 from minunet.errors import ConfigError
 from minunet.kernels.base import get_backend
+from minunet.losses import loss_and_grad
 from minunet.metrics import ScoreAccumulator
 from minunet.model import UNet
-from minunet.optim import Adam
+from minunet.optim import Adam, cosine_lr
 from minunet.postprocess import keep_largest
 
 # Settings that fix the sequence of updates: a resumed run must use the same ones.
@@ -69,7 +70,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 8
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # or "cosine": lr * (0.05 + 0.95 * (1 + cos(pi t/T)) / 2)
+    lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi t/T)) / 2 over all T steps (optim.cosine_lr)
     loss: str = "bce"  # or "bce+dice": BCE plus the mean per-image soft Dice loss
     base_channels: int = 16
     depth: int = 4
@@ -124,38 +125,13 @@ def resolve_backend(name: str, dtype: str = "float32"):
         raise ConfigError(f"the {name} backend cannot start ({e}): use --backend numpy") from None
 
 
-# -- losses and schedule ----------------------------------------------------------
-
-
-def soft_dice_loss(be, z, y, eps=1.0):
-    """Mean over images of 1 - (2 sum(p y) + eps) / (sum p + sum y + eps), p = sigmoid(z).
-
-    With s = sum p + sum y + eps and I = sum p y per image (N images):
-        dL/dp = -(2 y s - (2 I + eps)) / (N s^2),   dL/dz = dL/dp * p (1 - p).
-    Returns (loss as a float, dz) like ``sigmoid_bce``."""
-    xp = be.xp
-    p = be.sigmoid(z)
-    n = z.shape[0]
-    inter = (p * y).reshape(n, -1).sum(1)
-    s = p.reshape(n, -1).sum(1) + y.reshape(n, -1).sum(1) + eps
-    loss = float(1.0 - xp.mean((2 * inter + eps) / s))
-    r = (slice(None), None, None, None)
-    dp = -(2 * y * s[r] - (2 * inter + eps)[r]) / (n * s[r] ** 2)
-    return loss, (dp * p * (1 - p)).astype(z.dtype, copy=False)
-
-
-def loss_and_grad(be, kind, z, y):
-    loss, dz = be.sigmoid_bce(z, y)
-    if kind == "bce+dice":
-        l2, d2 = soft_dice_loss(be, z, y)
-        loss, dz = loss + l2, dz + d2
-    return loss, dz
+# -- schedule ------------------------------------------------------------------
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The lr of optimizer step ``step`` (0-based): constant, or cosine from lr down to 0 over the run."""
     if cfg.lr_schedule == "cosine":
-        frac = min(step / max(total_steps, 1), 1.0)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return cosine_lr(cfg.lr, step, total_steps)
     return cfg.lr
 
 
@@ -424,7 +400,7 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
                     opt.lr = lr
                     model.zero_grad()
                     logits = model.forward(be.asarray(x))
-                    loss, dz = loss_and_grad(be, cfg.loss, logits, be.asarray(y))
+                    loss, dz = loss_and_grad(cfg.loss, logits, be.asarray(y), be)
                     if not math.isfinite(loss):
                         msg = (f"the loss became {loss} at epoch {epoch + 1}, batch {b + 1}: training stopped; "
                                f"the last good checkpoint is {out / 'last.npz'} (try a smaller --lr)")

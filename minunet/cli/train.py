@@ -67,7 +67,7 @@ class TrainReporter:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
-              help="cosine: from lr down to lr/20 over all epochs.")
+              help="cosine: from lr down to 0 over all epochs.")
 @click.option("--loss", type=click.Choice(["bce", "bce+dice"]), default="bce", show_default=True)
 @click.option("--base-channels", type=int, default=16, show_default=True)
 @click.option("--depth", type=int, default=4, show_default=True)

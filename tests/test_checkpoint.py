@@ -1,0 +1,79 @@
+"""Checkpoints: exact round trip, float16 weights, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minunet.checkpoint import load_checkpoint, save_checkpoint
+from minunet.errors import CheckpointError
+from minunet.model import UNet
+from minunet.optim import Adam
+
+
+def trained_pair(seed=0):
+    model = UNet(1, 4, 2, backend="numpy", seed=seed)
+    opt = Adam(model.params, model.grads, lr=1e-3, backend=model.backend)
+    rng = np.random.default_rng(seed)
+    x = rng.random((2, 1, 16, 16)).astype(np.float32)
+    y = (x > 0.5).astype(np.float32)
+    for _ in range(2):
+        model.zero_grad()
+        _, dz = model.backend.sigmoid_bce(model.forward(x), y)
+        model.backward(dz)
+        opt.step()
+    return model, opt
+
+
+def test_round_trip_is_exact(tmp_path):
+    model, opt = trained_pair()
+    save_checkpoint(tmp_path / "c.npz", model, opt, {"epoch": 3, "state": {"step": 7}})
+    ck = load_checkpoint(tmp_path / "c.npz")
+    assert ck.meta["epoch"] == 3 and ck.meta["state"]["step"] == 7 and ck.model_config["depth"] == 2
+    model2 = UNet(1, 4, 2, backend="numpy", seed=5)
+    opt2 = Adam(model2.params, model2.grads, backend=model2.backend)
+    ck.load_into(model2, opt2)
+    for n in model.params:
+        assert np.array_equal(model.params[n], model2.params[n])
+        assert np.array_equal(opt.m[n], opt2.m[n]) and np.array_equal(opt.v[n], opt2.v[n])
+    assert opt2.t == opt.t == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]  # no temporary file left
+
+
+def test_float16_weights_only(tmp_path):
+    model, _ = trained_pair()
+    save_checkpoint(tmp_path / "h.npz", model, None, {}, weights_dtype="float16")
+    ck = load_checkpoint(tmp_path / "h.npz")
+    assert ck.adam is None and all(a.dtype == np.float16 for a in ck.params.values())
+    m2 = ck.build_model("numpy")
+    for n, p in model.params.items():
+        assert m2.params[n].dtype == np.float32
+        np.testing.assert_allclose(m2.params[n], p, rtol=1e-3, atol=1e-4)
+    with pytest.raises(CheckpointError, match="weights only"):
+        ck.load_into(m2, Adam(m2.params, m2.grads))
+
+
+def test_overwrite_keeps_a_valid_file(tmp_path):
+    model, opt = trained_pair()
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model, opt, {"n": 1})
+    save_checkpoint(path, model, opt, {"n": 2})
+    assert load_checkpoint(path).meta["n"] == 2
+
+
+def test_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a minunet checkpoint"):
+        load_checkpoint(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a minunet checkpoint"):
+        load_checkpoint(tmp_path / "other.npz")
+    model, opt = trained_pair()
+    save_checkpoint(tmp_path / "c.npz", model, opt)
+    ck = load_checkpoint(tmp_path / "c.npz")
+    with pytest.raises(CheckpointError, match="depth 3"):
+        ck.check_model_config({"depth": 3})
+    with pytest.raises(CheckpointError, match="does not match"):
+        ck.load_into(UNet(1, 8, 2, backend="numpy"))
