@@ -318,7 +318,7 @@ def _torch_stepper(base, depth, batch, size, threads, seed=0):
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step, torch.__version__
 

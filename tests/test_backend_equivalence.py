@@ -67,7 +67,7 @@ def rand(rng, shape, dtype, scale=1.0):
 
 shapes = st.tuples(
     st.integers(1, 3),  # N
-    st.integers(1, 5),  # Cin
+    st.integers(1, 10),  # Cin (>= 8 takes the slice-copy im2col and the BLAS 1x1 path)
     st.integers(1, 5),  # Cout
     st.integers(1, 5).map(lambda h: 2 * h),  # H (even, for pool and up-conv)
     st.integers(1, 6).map(lambda w: 2 * w),  # W

@@ -126,11 +126,13 @@ def _find_openblas():
 
 _openblas = _find_openblas()
 _blas_lock = threading.Lock()
+_blas_depth = [0, 0]  # [ops inside _single_threaded_blas now, thread count to restore]
 
 
 @contextmanager
 def _single_threaded_blas():
-    """BLAS on one thread while the pool's workers each call it (restored afterwards).
+    """BLAS on one thread while the pool's workers each call it; the caller's setting comes back after
+    the last op that asked for it (ops running at once from several threads nest correctly).
 
     Without NumPy's OpenBLAS (another BLAS build) this does nothing: results
     are the same, only slower from oversubscribed threads."""
@@ -139,23 +141,29 @@ def _single_threaded_blas():
         return
     get, set_ = _openblas
     with _blas_lock:
-        before = get()
-        set_(1)
+        if _blas_depth[0] == 0:
+            _blas_depth[1] = get()
+            set_(1)
+        _blas_depth[0] += 1
     try:
         yield
     finally:
         with _blas_lock:
-            set_(before)
+            _blas_depth[0] -= 1
+            if _blas_depth[0] == 0:
+                set_(_blas_depth[1])
 
 
 def _tls_buffer(shape, dtype):
-    """A scratch array private to the calling thread, reused across calls (never returned)."""
+    """A scratch array private to the calling thread: a view of one flat buffer per dtype that grows
+    to the largest request and is reused across calls (never returned to the caller)."""
     bufs = _tls.__dict__.setdefault("bufs", {})
-    key = (shape, np.dtype(dtype).str)
-    buf = bufs.get(key)
-    if buf is None:
-        buf = bufs[key] = np.empty(shape, dtype)
-    return buf
+    dtype = np.dtype(dtype)
+    need = int(np.prod(shape))
+    flat = bufs.get(dtype.str)
+    if flat is None or flat.size < need:
+        flat = bufs[dtype.str] = np.empty(need, dtype)
+    return flat[:need].reshape(shape)
 
 
 _tls = threading.local()
@@ -202,6 +210,20 @@ def _im2col(x, r0, r1, k, col):
                             cf[d + t] = xf[s + t]
                         else:
                             cf[d + t] = 0
+
+
+@njit(**_JIT)
+def _matmul_small_k(a, b, out):
+    """out (M, N) = a (M, K) @ b (K, N) for a small K (BLAS is slow there: K = 1 takes numpy's slow path)."""
+    M, K = a.shape
+    N = b.shape[1]
+    for m in range(M):
+        for o in range(N):
+            out[m, o] = 0
+        for c in range(K):
+            v = a[m, c]
+            for o in range(N):
+                out[m, o] += v * b[c, o]
 
 
 @njit(**_JIT)
@@ -449,7 +471,11 @@ class NumbaBackend:
         def chunk(r0, r1):
             yc = out2d[r0 * W : r1 * W]  # (rows*W, Cout)
             if k == 1:
-                np.dot(x.reshape(N * H * W, Cin)[r0 * W : r1 * W], wmat, out=yc)
+                rows = x.reshape(N * H * W, Cin)[r0 * W : r1 * W]
+                if K < 8:
+                    _matmul_small_k(rows, wmat, yc)
+                else:
+                    np.dot(rows, wmat, out=yc)
             else:
                 col = _tls_buffer((per * W, K), x.dtype)[: (r1 - r0) * W]
                 _im2col(x, r0, r1, k, col)
