@@ -10,7 +10,7 @@ from minunet.cli.common import BACKENDS, DEFAULT_MODEL, Bar, load_model
 
 
 def collect_inputs(inputs):
-    """Image files from INPUT arguments (files, or folders of images, or folders with images/)."""
+    """Image files from INPUT arguments: files, folders of images, folders with images/, dataset folders."""
     from minunet.data import IMAGE_EXTS, _list_images, _subdir
     from minunet.errors import DataError
 
@@ -23,6 +23,13 @@ def collect_inputs(inputs):
             found = _list_images(p)
             if not found and _subdir(p, "images") is not None:
                 found = _list_images(_subdir(p, "images"))
+            if not found:  # a dataset folder (COVID-QU-Ex or split generic): every image in it
+                from minunet.data import find_data
+
+                try:
+                    found = [it.image for it in find_data(p, require_masks=False).items()]
+                except DataError:
+                    found = []
             if not found:
                 raise DataError(f"folder {p} holds no images ({', '.join(IMAGE_EXTS)}): pass image files")
             files += found

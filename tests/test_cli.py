@@ -1,0 +1,183 @@
+"""The command line: train -> evaluate -> predict end to end, and one-line errors (exit 2) for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from minidata import make_generic, make_qu, save
+from PIL import Image
+
+from minunet.cli import main
+from minunet.postprocess import keep_largest, label_components
+
+TINY = ["--backend", "numpy", "--base-channels", "4", "--depth", "2", "--size", "32", "--batch-size", "4",
+        "--no-cache"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained with the CLI on tiny COVID-QU-Ex-style data (Train + Test splits)."""
+    root = tmp_path_factory.mktemp("cli")
+    make_qu(root / "data", n_per_class=4, splits=("Train", "Test"))
+    r = run("train", root / "data", "--epochs", "2", "--out", root / "run", *TINY)
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def assert_one_line_error(r, *words):
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    err = r.stderr.strip()
+    assert "Traceback" not in r.output and len(err.splitlines()) == 1 and err.startswith("Error:"), err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_help_lists_every_command_with_examples():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("train", "evaluate", "predict", "summary", "gradcheck"):
+        assert cmd in r.output
+        sub = run(cmd, "--help")
+        assert sub.exit_code == 0 and "Examples" in sub.output and f"minunet {cmd}" in sub.output
+
+
+def test_train_prints_a_row_per_epoch(trained):
+    out = trained / "run"
+    lines = (out / "history.csv").read_text().splitlines()
+    assert len(lines) == 3 and (out / "best.npz").is_file() and (out / "curves.png").is_file()
+    split = json.loads((out / "split.json").read_text())
+    assert all("/Train/" in n for n in split["train"] + split["val"])  # Test stays held out
+
+
+def test_evaluate_defaults_to_test_split_and_prints_json(trained):
+    r = run("evaluate", trained / "data", "--model", trained / "run" / "best.npz", "--json", "--backend", "numpy")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["split"] == "test" and res["n_images"] == 12 and 0 <= res["dice"] <= 1
+    assert {"dice", "dice_pooled", "iou", "n_images", "n_empty_masks"} <= set(res)
+    assert set(res["per_class"]) == {"COVID-19", "Non-COVID", "Normal"}
+    r = run("evaluate", trained / "data", "--model", trained / "run" / "best.npz", "--split", "train",
+            "--backend", "numpy", "--mask", "infection")
+    assert r.exit_code == 0, r.output
+    assert "Dice (mean per image)" in r.output and "empty masks            8" in r.output and "Non-COVID" in r.output
+
+
+def test_predict_writes_masks_at_the_original_size(trained, tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (45, 37, 3), dtype=np.uint8)  # RGB, odd size
+    Image.fromarray(img).save(tmp_path / "scan (1).png")
+    r = run("predict", tmp_path / "scan (1).png", "--model", trained / "run" / "best.npz", "--out",
+            tmp_path / "pred", "--keep-largest", "2", "--backend", "numpy")
+    assert r.exit_code == 0, r.output
+    mask = np.asarray(Image.open(tmp_path / "pred" / "scan (1)_mask.png"))
+    over = Image.open(tmp_path / "pred" / "scan (1)_overlay.png")
+    assert mask.shape == (45, 37) and set(np.unique(mask)) <= {0, 255} and over.size == (37, 45)
+    assert label_components(mask > 0)[1].size <= 2
+
+
+def test_keep_largest_components():
+    m = np.zeros((9, 12), bool)
+    m[1:4, 1:5] = True  # 12 pixels
+    m[6:9, 6:12] = True  # 18 pixels
+    m[0, 10] = True  # 1 pixel
+    m[5, 0:2] = True  # 2 pixels, touches nothing (4-connectivity)
+    labels, sizes = label_components(m)
+    assert sorted(sizes.tolist()) == [1, 2, 12, 18] and labels.max() == 4
+    two = keep_largest(m, 2)
+    assert two.sum() == 30 and two[1, 1] and two[8, 11] and not two[0, 10]
+    assert np.array_equal(keep_largest(m, 0), m) and np.array_equal(keep_largest(m, 9), m)
+    u = np.zeros((5, 5), bool)
+    u[:, 0] = u[:, 4] = u[4, :] = True  # a U joins through its bottom row
+    assert label_components(u)[1].tolist() == [13]
+
+
+def test_summary_matches_the_model():
+    from minunet.model import UNet
+
+    r = run("summary", "--base-channels", "4", "--depth", "2", "--size", "32")
+    assert r.exit_code == 0, r.output
+    assert f"{UNet(1, 4, 2).num_params():,}" in r.output and "(1, 1, 32, 32)" in r.output and "FLOPs" in r.output
+
+
+def test_gradcheck_passes_on_numpy():
+    r = run("gradcheck", "--backend", "numpy", "--depth", "1")
+    assert r.exit_code == 0, r.output
+    assert "conv2d 3x3 dx" in r.output and "head.weight" in r.output and "NOT OK" not in r.output
+
+
+# -- bad input: one line on stderr, exit status 2 ---------------------------------
+
+
+def test_missing_and_empty_data_folder(tmp_path):
+    assert_one_line_error(run("train", tmp_path / "nope", "--out", tmp_path / "o", *TINY), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("train", tmp_path / "empty", "--out", tmp_path / "o", *TINY), "no images found")
+    assert_one_line_error(run("evaluate", tmp_path / "empty"), "no images found")
+
+
+def test_image_without_mask(tmp_path):
+    make_generic(tmp_path / "d", n=4)
+    (tmp_path / "d" / "masks" / "img 2.png").unlink()
+    assert_one_line_error(run("train", tmp_path / "d", "--out", tmp_path / "o", *TINY), "img 2.png", "no mask")
+
+
+def test_corrupt_image(tmp_path):
+    make_generic(tmp_path / "d", n=4)
+    (tmp_path / "d" / "images" / "img 3.png").write_bytes(b"\x89PNG broken")
+    assert_one_line_error(run("train", tmp_path / "d", "--out", tmp_path / "o", *TINY), "img 3.png", "cannot read")
+
+
+def test_image_and_mask_of_different_sizes(tmp_path):
+    make_generic(tmp_path / "d", n=4)
+    save(tmp_path / "d" / "masks" / "img 1.png", np.zeros((20, 40), np.uint8))
+    assert_one_line_error(run("train", tmp_path / "d", "--out", tmp_path / "o", *TINY), "img 1.png", "same size")
+
+
+def test_size_not_divisible(tmp_path):
+    make_generic(tmp_path / "d", n=4)
+    args = ["train", tmp_path / "d", "--out", tmp_path / "o", *TINY, "--size", "30"]
+    assert_one_line_error(run(*args), "--size 30", "2**depth")
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", "-1"), ("--epochs", "0"), ("--lr", "0"), ("--lr", "-0.1"),
+                                        ("--batch-size", "0"), ("--val-fraction", "1"), ("--epochs", "many")])
+def test_invalid_numbers(tmp_path, flag, value):
+    make_generic(tmp_path / "d", n=4)
+    assert_one_line_error(run("train", tmp_path / "d", "--out", tmp_path / "o", *TINY, flag, value), flag)
+
+
+def test_model_missing_or_not_a_checkpoint(trained, tmp_path):
+    data = trained / "data"
+    assert_one_line_error(run("evaluate", data, "--model", tmp_path / "none.npz"), "none.npz", "does not exist")
+    (tmp_path / "fake.npz").write_text("hello")
+    assert_one_line_error(run("evaluate", data, "--model", tmp_path / "fake.npz"), "not a minunet checkpoint")
+    assert_one_line_error(run("predict", data, "--out", tmp_path / "p", "--model", tmp_path / "fake.npz"),
+                          "not a minunet checkpoint")
+    assert_one_line_error(run("predict", tmp_path / "nothing.png", "--out", tmp_path / "p"), "does not exist")
+
+
+def test_default_model_missing_is_a_clear_error(trained, tmp_path):
+    from minunet.cli.common import DEFAULT_MODEL
+
+    if DEFAULT_MODEL.exists():
+        pytest.skip("the shipped model is present")
+    assert_one_line_error(run("evaluate", trained / "data"), "shipped model", "--model")
+
+
+def test_checkpoint_config_not_matching_flags(trained):
+    args = ["evaluate", trained / "data", "--model", trained / "run" / "best.npz", "--backend", "numpy"]
+    assert_one_line_error(run(*args, "--depth", "3"), "depth 3", "checkpoint has 2")
+    r = run("train", trained / "data", "--out", trained / "run", "--resume", "--lr", "0.5", "--epochs", "3")
+    assert_one_line_error(r, "--resume", "lr")
+
+
+def test_existing_run_folder_needs_resume_or_force(trained):
+    r = run("train", trained / "data", "--out", trained / "run", *TINY)
+    assert_one_line_error(r, "already holds a run", "--resume")
