@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 train: $(STAMP)
-	$(BIN)/minunet train --out runs/sample
+	$(BIN)/minunet train --out runs/sample --size 128 --epochs 12 --force
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

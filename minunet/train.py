@@ -248,8 +248,8 @@ def draw_curves(path: Path, rows):
                 d.line(pts, fill=color, width=2)
             for x, y in pts:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-            lx = x1 - 110
-            ly = y0 + 8 + 16 * j
+            lx = x1 - 110  # legend: top right for the falling losses, bottom right for the rising scores
+            ly = (y0 + 8 if k == 0 else y1 - 8 - 16 * len(series)) + 16 * j
             d.line([lx, ly + 6, lx + 18, ly + 6], fill=color, width=3)
             d.text((lx + 24, ly), label, fill=(0, 0, 0), font=font)
     tmp = path.with_suffix(".tmp.png")

@@ -181,3 +181,15 @@ def test_checkpoint_config_not_matching_flags(trained):
 def test_existing_run_folder_needs_resume_or_force(trained):
     r = run("train", trained / "data", "--out", trained / "run", *TINY)
     assert_one_line_error(r, "already holds a run", "--resume")
+
+
+def test_export_float16_gives_the_same_scores(trained, tmp_path):
+    r = run("export", trained / "run" / "best.npz", tmp_path / "m16.npz")
+    assert r.exit_code == 0, r.output
+    scores = []
+    for m in (trained / "run" / "best.npz", tmp_path / "m16.npz"):
+        r = run("evaluate", trained / "data", "--model", m, "--json", "--backend", "numpy")
+        assert r.exit_code == 0, r.output
+        scores.append(json.loads(r.stdout)["dice"])
+    assert scores[1] == pytest.approx(scores[0], abs=0.01)
+    assert (tmp_path / "m16.npz").stat().st_size < (trained / "run" / "best.npz").stat().st_size / 2
