@@ -143,3 +143,19 @@ def test_evaluate_model_scores_per_image_and_per_class(data_dir):
     assert ev.dice_per_image[0] == 0.0 and np.all(ev.dice_per_image[1:] == 1.0)
     assert ev.summary["dice"] == pytest.approx(11 / 12)
     assert ev.per_group[arr.groups[0]]["dice"] == pytest.approx(3 / 4)
+
+
+def test_resume_is_bit_identical_on_numba_too(data_dir, tmp_path):
+    pytest.importorskip("minunet.kernels.numba_cpu")
+    kw = dict(backend="numba", epochs=1)
+    train(cfg(data_dir, tmp_path / "a", **kw))
+
+    def ctrl_c(event, **info):
+        if event == "batch" and info["batch"] == 2:
+            raise KeyboardInterrupt
+
+    assert train(cfg(data_dir, tmp_path / "b", **kw), ctrl_c).status == "interrupted"
+    assert train(cfg(data_dir, tmp_path / "b", **kw), resume=True).status == "done"
+    pa, ma, _, _ = params_and_moments(tmp_path / "a" / "last.npz")
+    pb, mb, _, _ = params_and_moments(tmp_path / "b" / "last.npz")
+    assert all(np.array_equal(pa[n], pb[n]) and np.array_equal(ma[n], mb[n]) for n in pa)
