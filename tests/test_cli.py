@@ -193,3 +193,15 @@ def test_export_float16_gives_the_same_scores(trained, tmp_path):
         scores.append(json.loads(r.stdout)["dice"])
     assert scores[1] == pytest.approx(scores[0], abs=0.01)
     assert (tmp_path / "m16.npz").stat().st_size < (trained / "run" / "best.npz").stat().st_size / 2
+
+
+def test_evaluate_only_the_held_out_images_of_a_run(trained):
+    split = json.loads((trained / "run" / "split.json").read_text())
+    r = run("evaluate", trained / "data", "--model", trained / "run" / "best.npz", "--json", "--backend", "numpy",
+            "--only", trained / "run" / "split.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_images"] == len(split["val"]) == 3
+    r = run("evaluate", trained / "data" / "Infection Segmentation Data" / "Train" / "Normal", "--model",
+            trained / "run" / "best.npz", "--json", "--backend", "numpy", "--only", trained / "run" / "split.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_images"] == sum("/Normal/" in n for n in split["val"])

@@ -31,6 +31,31 @@ def choose_split(index, split):
     return split, items
 
 
+def filter_items(items, only):
+    """The items named in ``only``: a text list of names or a run's split.json (its val list)."""
+    import json
+    from pathlib import Path
+
+    from minunet.data import _excluded, read_name_list
+    from minunet.errors import DataError
+
+    path = Path(only)
+    if path.suffix == ".json":
+        try:
+            names = set(json.loads(path.read_text())["val"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{path} is not a run's split.json with a val list: pass one, or a text list") from None
+    else:
+        names = read_name_list(path)
+    kept = [it for it in items if _excluded(it, names)]
+    if not kept:  # DATA points below the run's data root: match the tails of the listed names
+        tails = {"/".join(n.split("/")[i:]) for n in names for i in range(len(n.split("/")))}
+        kept = [it for it in items if _excluded(it, tails)]
+    if not kept:
+        raise DataError(f"none of the images in {path} are in this data folder: check DATA and --only")
+    return kept
+
+
 @click.command("evaluate")
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("--model", "model_path", type=click.Path(path_type=str), default=str(DEFAULT_MODEL),
@@ -43,12 +68,14 @@ def choose_split(index, split):
 @click.option("--threshold", type=float, default=0.5, show_default=True)
 @click.option("--keep-largest", type=int, default=0, show_default=True,
               help="Keep only the K largest connected components of each prediction (0: all).")
+@click.option("--only", type=click.Path(path_type=str), default=None,
+              help="Score only the images listed: a text file of names, or a run's split.json (its val list).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True)
 @click.option("--base-channels", type=int, default=None, help="Check the checkpoint has this width.")
 @click.option("--depth", type=int, default=None, help="Check the checkpoint has this depth.")
 @click.option("--cache-dir", type=click.Path(path_type=str), default=None)
-def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_largest, batch_size, backend,
+def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_largest, only, batch_size, backend,
                  base_channels, depth, cache_dir):
     """Score a model on DATA: mean per-image Dice and IoU, pooled Dice, per class.
 
@@ -56,6 +83,7 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
     Examples:
       minunet evaluate "Infection Segmentation Data" --split test
       minunet evaluate data/ --model runs/lung/best.npz --json
+      minunet evaluate DATA --model runs/lung/best.npz --only runs/lung/split.json
     """
     from minunet.cli.errors import CliError
     from minunet.data import default_cache_dir, find_data, load_arrays
@@ -66,7 +94,10 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
     if not 0 < threshold < 1:
         raise CliError(f"--threshold must be between 0 and 1, got {threshold}")
     index = find_data(data, mask.lower(), require_masks=False)
-    split, items = choose_split(index, split)
+    split, items = choose_split(index, "all" if only and split is None else split)
+    if only:
+        items = filter_items(items, only)
+        split += f" (only {only})"
     model, ck, note = load_model(model_path, backend.lower(), base_channels, depth)
     size = size or int(ck.meta.get("train_config", {}).get("size", 256))
     check_size(size, model.depth)
