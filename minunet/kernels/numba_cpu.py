@@ -78,6 +78,7 @@ class UpConvCache(NamedTuple):
 # ---------------------------------------------------------------------------
 
 _pool = None
+_pool_pid = None
 _pool_lock = threading.Lock()
 
 
@@ -87,13 +88,14 @@ def _workers() -> int:
 
 def _run(fn, chunks):
     """[fn(*c) for c in chunks], the chunks shared out to the pool (in the caller's thread if one)."""
-    global _pool
+    global _pool, _pool_pid
     if len(chunks) <= 1 or _workers() == 1:
         return [fn(*c) for c in chunks]
-    if _pool is None:
+    if _pool is None or _pool_pid != os.getpid():  # a forked child has none of the parent's threads
         with _pool_lock:
-            if _pool is None:
+            if _pool is None or _pool_pid != os.getpid():
                 _pool = ThreadPoolExecutor(_workers(), thread_name_prefix="minunet-numba")
+                _pool_pid = os.getpid()
     with _single_threaded_blas():
         return list(_pool.map(lambda c: fn(*c), chunks))
 
