@@ -35,16 +35,26 @@ def load_model(path, backend_name="auto", base_channels=None, depth=None):
 
 
 class Bar:
-    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+    """A one-line progress bar on stderr when it is a terminal.
 
-    def __init__(self, stream=None):
+    When stderr is a file or a pipe (``nohup ... > train.log``), a plain line
+    every ``log_every`` seconds instead, so a long run still shows progress.
+    """
+
+    def __init__(self, stream=None, log_every=60.0):
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.last = 0.0
+        self.log_every = log_every
+        self.last = 0.0 if self.tty else time.monotonic()
         self.shown = False
 
     def update(self, label, done, total, extra="", force=False):
         if not self.tty:
+            now = time.monotonic()
+            if now - self.last >= self.log_every and done < total:
+                self.last = now
+                self.stream.write(f"{label} {done}/{total} {extra}".rstrip() + "\n")
+                self.stream.flush()
             return
         now = time.monotonic()
         if not force and now - self.last < 0.1 and done < total:
