@@ -281,33 +281,9 @@ def _torch_stepper(base, depth, batch, size, threads, seed=0):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
 
-    def double(a, b):
-        return nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU(inplace=True),
-                             nn.Conv2d(b, b, 3, padding=1), nn.ReLU(inplace=True))
+    from minunet.torch_twin import torch_twin
 
-    class TorchUNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            w = [base * 2**i for i in range(depth + 1)]
-            self.enc = nn.ModuleList([double(1 if i == 0 else w[i - 1], w[i]) for i in range(depth)])
-            self.bottleneck = double(w[depth - 1], w[depth])
-            self.ups = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in reversed(range(depth))])
-            self.dec = nn.ModuleList([double(2 * w[i], w[i]) for i in reversed(range(depth))])
-            self.head = nn.Conv2d(base, 1, 1)
-            self.pool = nn.MaxPool2d(2)
-
-        def forward(self, x):
-            skips = []
-            for block in self.enc:
-                x = block(x)
-                skips.append(x)
-                x = self.pool(x)
-            x = self.bottleneck(x)
-            for up, block in zip(self.ups, self.dec, strict=True):
-                x = block(torch.cat([skips.pop(), up(x)], 1))
-            return self.head(x)
-
-    model = TorchUNet().to(memory_format=torch.channels_last)
+    model = torch_twin(1, base, depth).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss()
     x = torch.rand(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
