@@ -64,6 +64,7 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) 
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -72,6 +73,12 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) 
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class Checkpoint:
