@@ -122,7 +122,7 @@ def resolve_backend(name: str, dtype: str = "float32"):
             return get_backend("numpy", dtype), f"the numba backend is not available ({e}); using numpy"
         raise ConfigError(f"the {name} backend is not available ({e}): use --backend numpy") from None
     except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"the {name} backend cannot start ({e}): use --backend numpy") from None
+        raise ConfigError(f"the {name} backend cannot start: {e}") from None  # e says what to do
 
 
 # -- schedule ------------------------------------------------------------------

@@ -205,3 +205,12 @@ def test_evaluate_only_the_held_out_images_of_a_run(trained):
             trained / "run" / "best.npz", "--json", "--backend", "numpy", "--only", trained / "run" / "split.json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["n_images"] == sum("/Normal/" in n for n in split["val"])
+
+
+def test_cupy_backend_without_a_gpu_is_a_clear_error(tmp_path):
+    from minunet.kernels.cupy_gpu import cuda_available
+
+    if cuda_available():
+        pytest.skip("a CUDA device answers here")
+    assert_one_line_error(run("train", "--backend", "cupy", "--epochs", "1", "--out", tmp_path / "run"),
+                          "cupy backend", "minunet[gpu]")
