@@ -1,0 +1,105 @@
+"""The numba backend's direct convolution kernels (few channels at large H*W) against the NumPy reference.
+
+The shape rule sends only the full-resolution U-Net levels (Cin, Cout <= 32,
+Cout a multiple of 16) to the direct kernels, so the small random shapes of
+``test_backend_equivalence`` never reach them. Here a switch forces the path
+(``_direct_force``) on small images with 16 or 32 output channels, through
+every edge case: rows and columns whose taps leave the image, widths smaller
+than a register block of pixels, Cin not a multiple of 4 (the one-channel
+weight-gradient kernel), Cin a multiple of 16 (the direct input gradient).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minunet.kernels import numba_cpu
+from minunet.kernels.numpy_ref import NumpyBackend
+from tests.test_backend_equivalence import act_in, act_out, assert_close, backend, host, rand
+
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+shapes = st.tuples(
+    st.integers(1, 2),  # N
+    st.sampled_from([1, 2, 3, 4, 5, 8, 16, 17, 32]),  # Cin
+    st.sampled_from([16, 32]),  # Cout
+    st.integers(1, 9),  # H
+    st.integers(1, 13),  # W (a block is 4 pixels plus the border)
+)
+
+
+@contextmanager
+def direct(force):
+    old = numba_cpu._direct_force
+    numba_cpu._direct_force = force
+    try:
+        yield
+    finally:
+        numba_cpu._direct_force = old
+
+
+def _conv_run(be, x, w, b, dy, relu, need_dx=True):
+    y, c = be.conv2d_forward(act_in(be, x), be.asarray(w), be.asarray(b), relu=relu)
+    dx, dw, db = be.conv2d_backward(act_in(be, dy), c, need_dx=need_dx)
+    return act_out(be, y), (act_out(be, dx) if dx is not None else None), host(be, dw), host(be, db)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("relu", [False, True])
+@SETTINGS
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_direct_conv2d(dtype, k, relu, shape, seed):
+    N, Cin, Cout, H, W = shape
+    rng = np.random.default_rng(seed)
+    be, ref = backend("numba", dtype), NumpyBackend(dtype)
+    x, w, b = rand(rng, (N, Cin, H, W), dtype), rand(rng, (Cout, Cin, k, k), dtype), rand(rng, Cout, dtype)
+    y_ref, c_ref = ref.conv2d_forward(x, w, b, relu=relu)
+    dy = rand(rng, y_ref.shape, dtype)
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
+    with direct(True):
+        assert numba_cpu._use_direct(Cin, Cout, k)
+        y, dx, dw, db = _conv_run(be, x, w, b, dy, relu)
+        _, dx2, dw2, _ = _conv_run(be, x, w, b, dy, relu, need_dx=False)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    assert_close(dw, dw_ref, dtype, "dw")
+    assert_close(db, db_ref, dtype, "db")
+    assert dx2 is None
+    np.testing.assert_array_equal(dw2, dw)
+
+
+@pytest.mark.parametrize("Cin", [1, 16, 32])
+def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin):
+    """A full-width image (several chunks, every register-block position): the direct path gives the
+    same bytes twice and agrees with the im2col + BLAS path to float32 tolerance."""
+    dtype, Cout = "float32", 16
+    rng = np.random.default_rng(Cin)
+    be = backend("numba", dtype)
+    x, w, b = rand(rng, (2, Cin, 70, 258), dtype), rand(rng, (Cout, Cin, 3, 3), dtype, 0.3), rand(rng, Cout, dtype)
+    dy = rand(rng, (2, Cout, 70, 258), dtype)
+    assert numba_cpu._use_direct(Cin, Cout, 3)  # the rule takes these shapes
+    first = _conv_run(be, x, w, b, dy, True, need_dx=Cin > 1)
+    again = _conv_run(be, x, w, b, dy, True, need_dx=Cin > 1)
+    with direct(False):
+        blas = _conv_run(be, x, w, b, dy, True, need_dx=Cin > 1)
+    for name, a, a2, bl in zip(["y", "dx", "dw", "db"], first, again, blas):
+        if a is None:
+            continue
+        np.testing.assert_array_equal(a, a2, err_msg=name)
+        assert_close(a, bl, dtype, name)
+
+
+def test_direct_rule():
+    """Direct for the full-resolution level's shapes, im2col + BLAS for the deeper ones and 1x1."""
+    assert numba_cpu._direct_force is None
+    for cin, cout in [(1, 16), (16, 16), (32, 16), (16, 32), (32, 32)]:
+        assert numba_cpu._use_direct(cin, cout, 3)
+    for cin, cout in [(32, 64), (64, 64), (128, 64), (16, 8), (16, 1)]:
+        assert not numba_cpu._use_direct(cin, cout, 3)
+    assert not numba_cpu._use_direct(16, 16, 1)
