@@ -24,8 +24,9 @@ def test_shipped_model_is_a_float16_lung_unet():
     assert ck.meta["weights_dtype"] == "float16"
 
 
-def test_shipped_model_segments_the_held_out_sample():
-    r = CliRunner().invoke(main, ["evaluate", str(SAMPLE_DATA), "--json", "--backend", "numba"])
+def test_shipped_model_segments_the_held_out_sample(tmp_path):
+    args = ["evaluate", str(SAMPLE_DATA), "--json", "--backend", "numba", "--cache-dir", str(tmp_path)]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     scores = json.loads(r.stdout)
     assert scores["n_images"] == 150
