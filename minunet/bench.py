@@ -317,15 +317,10 @@ def train_step(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, 
     step()
     _sync(be)
     first_step_s = time.perf_counter() - t_start
-    ours = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        _sync(be)
-        ours.append(time.perf_counter() - t0)
+    step_ms = _median_ms(step, be, repeats, warmup=0)  # the first step above was the warm-up
     peak = _peak_rss_mb()
     out = dict(backend=be.name, batch=batch, size=size, base=base, depth=depth, repeats=repeats,
-               step_ms=1e3 * statistics.median(ours), peak_rss_mb=peak, rss_before_mb=rss0,
+               step_ms=step_ms, peak_rss_mb=peak, rss_before_mb=rss0,
                first_step_s=first_step_s)
     out["images_per_s"] = batch / (out["step_ms"] / 1e3)
     if torch_compare:
