@@ -533,8 +533,9 @@ class Augment:
 def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None):
     """x float32 (B,1,S,S) in [0,1] and y float32 (B,1,S,S) in {0,1} for the images ``ids``."""
     ids = np.asarray(ids)
-    imgs = np.asarray(data.images[np.sort(ids)])[np.argsort(np.argsort(ids))]  # sorted reads from the memmap
-    msks = np.asarray(data.masks[np.sort(ids)])[np.argsort(np.argsort(ids))]
+    sorted_ids, back = np.sort(ids), np.argsort(np.argsort(ids))  # sorted reads from the memmap, then batch order
+    imgs = np.asarray(data.images[sorted_ids])[back]
+    msks = np.asarray(data.masks[sorted_ids])[back]
     if augment is None:
         x = imgs.astype(np.float32) / np.float32(255)
         y = msks.astype(np.float32)
