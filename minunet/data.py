@@ -232,8 +232,9 @@ def read_name_list(path) -> set:
     return {ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()}
 
 
-def _excluded(item: Item, names: set) -> bool:
-    """True when a listed name is the item's relative path, a tail of it, or class/file name."""
+def name_matches(item: Item, names: set) -> bool:
+    """True when a listed name is the item's relative path, a tail of it, or class/file name
+    (how --exclude, --split-file and evaluate --only match names to images)."""
     parts = item.name.split("/")
     tails = {"/".join(parts[i:]) for i in range(len(parts))}
     return bool(tails & names) or f"{item.group}/{parts[-1]}" in names
@@ -272,7 +273,7 @@ def make_split(index: DataIndex, val_fraction=0.1, seed=0, limit=None, exclude=N
     rng = np.random.default_rng([seed, 1])
 
     def keep(items):
-        return [it for it in items if not _excluded(it, names)]
+        return [it for it in items if not name_matches(it, names)]
 
     def pick(items, n):
         if n is None or n >= len(items):

@@ -7,7 +7,8 @@
     history.csv   one row per epoch: losses, val Dice/IoU, lr, seconds, images/s
     curves.png    loss and Dice per epoch (drawn with Pillow)
     last.npz      weights + Adam + position, every epoch and on Ctrl-C (resumable)
-    best.npz      the same, at the epoch with the best validation Dice
+    best.npz      the same, at the epoch with the best validation score (metrics.selection_score:
+                  mean Dice for lungs, dice_nonempty * (1 - fp_image_rate) for infection)
 
 Determinism: epoch e visits the images in ``data.epoch_order(n, seed, e)`` and
 batch b is augmented from ``default_rng([seed, e, b])``. A checkpoint records
@@ -39,18 +40,20 @@ from minunet.data import (
     ArraySet,
     Augment,
     BatchLoader,
+    Split,
     default_cache_dir,
     find_data,
     iter_eval_batches,
     load_arrays,
     make_split,
+    name_matches,
     num_batches,
     read_name_list,
 )
 from minunet.errors import ConfigError
 from minunet.kernels.base import get_backend
 from minunet.losses import loss_and_grad
-from minunet.metrics import ScoreAccumulator
+from minunet.metrics import ScoreAccumulator, selection_score
 from minunet.model import UNet
 from minunet.optim import Adam, cosine_lr
 from minunet.postprocess import keep_largest
@@ -58,7 +61,7 @@ from minunet.postprocess import keep_largest
 # Settings that fix the sequence of updates: a resumed run must use the same ones.
 DETERMINISTIC_KEYS = (
     "data", "mask", "batch_size", "lr", "lr_schedule", "loss", "base_channels", "depth", "size",
-    "seed", "val_fraction", "limit", "augment", "exclude",
+    "seed", "val_fraction", "limit", "augment", "exclude", "split_file", "init",
 )
 
 
@@ -81,6 +84,8 @@ class TrainConfig:
     limit: int | None = None
     augment: bool = False
     exclude: str | None = None  # a file listing images to keep out of training and validation
+    split_file: str | None = None  # a split file (splits.py): train on its train list, validate on its val list
+    init: str | None = None  # a checkpoint whose weights the model starts from (Adam starts fresh)
     cache_dir: str | None = None  # None: data.default_cache_dir(); "" disables the cache
     workers: int = 2  # decoding threads
 
@@ -102,6 +107,24 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
         check_size(self.size, self.depth)
+
+
+def split_from_file(index, split_file, exclude=None) -> Split:
+    """The training and validation items named by a split file's train and val lists."""
+    from minunet.splits import read_split, resolve_split_path, select
+
+    parts = read_split(split_file)
+    path = resolve_split_path(split_file)
+    for p in ("train", "val"):
+        if p not in parts:
+            raise ConfigError(f"--split-file {path} has no {p} list: it needs train and val lists")
+    items = index.items("all")
+    names = set(exclude or ())
+    kept = [it for it in items if not name_matches(it, names)]
+    train, val = select(kept, parts["train"], str(path)), select(kept, parts["val"], str(path))
+    if not val:
+        raise ConfigError(f"none of the val images of {path} are in {index.root}: check DATA")
+    return Split(train, val, f"split file {path.name}", len(items) - len(kept))
 
 
 def check_size(size, depth):
@@ -186,8 +209,8 @@ def evaluate_model(model, data: ArraySet, batch_size: int = 8, threshold: float 
 
 # -- the run folder --------------------------------------------------------------
 
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_dice_pooled", "lr", "seconds",
-                  "images_per_s")
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_dice_pooled", "val_dice_nonempty",
+                  "val_fp_image_rate", "val_score", "lr", "seconds", "images_per_s")
 
 
 def write_history(path: Path, rows):
@@ -327,11 +350,19 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
     elif (out / "last.npz").exists() and not force:
         raise ConfigError(f"{out} already holds a run: continue it with --resume, or choose another --out "
                           "(or --force to start over)")
+    init = None
+    if cfg.init and ck is None:  # checked before the data is decoded
+        init = load_checkpoint(cfg.init)
+        init.check_model_config({"in_channels": 1, "base_channels": cfg.base_channels, "depth": cfg.depth},
+                                "--init needs a checkpoint of the same --base-channels and --depth")
     out.mkdir(parents=True, exist_ok=True)
 
     index = find_data(cfg.data, cfg.mask)
     exclude = read_name_list(cfg.exclude) if cfg.exclude else None
-    split = make_split(index, cfg.val_fraction, cfg.seed, cfg.limit, exclude)
+    if cfg.split_file:
+        split = split_from_file(index, cfg.split_file, exclude)
+    else:
+        split = make_split(index, cfg.val_fraction, cfg.seed, cfg.limit, exclude)
     backend, note = resolve_backend(cfg.backend)
     emit("backend", name=backend.name, note=note)
     split_json = split.to_json(index)
@@ -363,6 +394,8 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         ck.load_into(model, opt)
         for k in state:
             state[k] = ck.meta["state"][k]
+    elif init is not None:
+        init.load_into(model)
     augment = Augment() if cfg.augment else None
 
     run_info = {
@@ -425,14 +458,17 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
                 ev = evaluate_model(model, val_set, cfg.batch_size, progress=emit)
                 seconds = time.perf_counter() - t_start
                 s = ev.summary
+                score = selection_score(s, cfg.mask)
                 row = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["n_seen"], 1),
                        "val_loss": s["loss"], "val_dice": s["dice"], "val_iou": s["iou"],
-                       "val_dice_pooled": s["dice_pooled"], "lr": learning_rate(cfg, state["step"], total_steps),
+                       "val_dice_pooled": s["dice_pooled"], "val_dice_nonempty": s["dice_nonempty"],
+                       "val_fp_image_rate": s["fp_image_rate"], "val_score": score,
+                       "lr": learning_rate(cfg, state["step"], total_steps),
                        "seconds": seconds, "images_per_s": state["n_seen"] / max(seconds, 1e-9)}
-                is_best = s["dice"] > state["best_dice"]
+                is_best = score > state["best_dice"]
                 state["history"] = state["history"] + [row]
                 if is_best:
-                    state["best_dice"], state["best_epoch"] = s["dice"], epoch + 1
+                    state["best_dice"], state["best_epoch"] = score, epoch + 1
                 state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, n_seen=0, seconds=0.0)
                 save("last.npz")
                 if is_best:

@@ -207,6 +207,24 @@ def test_evaluate_only_the_held_out_images_of_a_run(trained):
     assert json.loads(r.stdout)["n_images"] == sum("/Normal/" in n for n in split["val"])
 
 
+def test_evaluate_a_split_files_test_list_with_infection_figures(trained, tmp_path):
+    split = {"train": [], "val": ["COVID-19/COVID_19 (Train 0).png"],
+             "test": ["COVID-19/COVID_19 (Train 1).png", "Normal/Normal (Train 2).png"]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    args = ("evaluate", trained / "data", "--model", trained / "run" / "best.npz", "--json", "--backend", "numpy",
+            "--mask", "infection", "--split", "train", "--only", tmp_path / "split.json")
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["n_images"] == 2 and res["n_nonempty"] == 1 and res["split"].endswith("(only the test of split.json)")
+    assert {"dice_nonempty", "fp_image_rate", "n_nonempty"} <= set(res["per_class"]["Normal"])
+    assert res["per_class"]["Normal"]["dice_nonempty"] is None  # JSON null, never NaN
+    assert json.loads(run(*args, "--subset", "val").stdout)["n_images"] == 1
+    assert_one_line_error(run(*args, "--subset", "bogus"), "bogus")
+    r = run(*args[:-2], "--subset", "val")
+    assert_one_line_error(r, "--only")
+
+
 def test_cupy_backend_without_a_gpu_is_a_clear_error(tmp_path):
     from minunet.kernels.cupy_gpu import cuda_available
 

@@ -11,12 +11,17 @@ from minunet.cli.common import BACKENDS, MASKS, SAMPLE_DATA, Bar
 from minunet.cli.errors import CliError
 
 
+def _fmt(v, width, digits):
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+
 class TrainReporter:
     """Renders train()'s progress events: a bar while an epoch runs, a table row after it."""
 
-    def __init__(self):
+    def __init__(self, mask="lung"):
         self.bar = Bar()
         self.header_done = False
+        self.infection = mask == "infection"  # then also dice_nonempty and fp_image_rate per epoch
 
     def __call__(self, event, **i):
         echo = click.echo
@@ -35,7 +40,8 @@ class TrainReporter:
                  + ("; from cache" if i["cached"] else ""))
         elif event == "epoch_start":
             if not self.header_done:
-                echo(f"{'epoch':>5}  {'train loss':>10}  {'val loss':>8}  {'val Dice':>8}  {'val IoU':>8}  "
+                extra = f"{'Dice-ne':>8}  {'FP-img':>6}  " if self.infection else ""
+                echo(f"{'epoch':>5}  {'train loss':>10}  {'val loss':>8}  {'val Dice':>8}  {'val IoU':>8}  {extra}"
                      f"{'seconds':>8}  {'img/s':>6}")
                 self.header_done = True
             self.epoch, self.epochs = i["epoch"], i["epochs"]
@@ -47,8 +53,10 @@ class TrainReporter:
         elif event == "epoch_end":
             self.bar.clear()
             r = i["row"]
+            extra = (f"{_fmt(r['val_dice_nonempty'], 8, 4)}  {_fmt(r['val_fp_image_rate'], 6, 3)}  "
+                     if self.infection else "")
             echo(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {r['val_loss']:>8.4f}  {r['val_dice']:>8.4f}  "
-                 f"{r['val_iou']:>8.4f}  {r['seconds']:>8.1f}  {r['images_per_s']:>6.1f}"
+                 f"{r['val_iou']:>8.4f}  {extra}{r['seconds']:>8.1f}  {r['images_per_s']:>6.1f}"
                  + ("  *" if i["best"] else ""))
         elif event == "interrupt_requested":
             self.bar.clear()
@@ -81,6 +89,11 @@ class TrainReporter:
               help="Seeded small rotations, shifts and intensity changes.")
 @click.option("--exclude", type=click.Path(path_type=str), default=None,
               help="Text file of image names to keep out (e.g. minunet/assets/sample/FILES.txt).")
+@click.option("--split-file", type=str, default=None,
+              help="Train on the train list and validate on the val list of this split file: covid-qu-ex "
+                   "(the committed COVID-QU-Ex split) or a JSON file such as a run's split.json.")
+@click.option("--init", type=click.Path(path_type=str), default=None,
+              help="Start from these weights (a checkpoint of the same width and depth), e.g. a lung model.")
 @click.option("--cache-dir", type=click.Path(path_type=str), default=None,
               help="Where decoded images are cached [default: $MINUNET_CACHE or ~/.cache/minunet].")
 @click.option("--no-cache", is_flag=True, help="Decode every time; write no cache.")
@@ -116,9 +129,10 @@ def train_cmd(ctx, data, **opts):
     values["mask"] = values["mask"].lower()
     values["backend"] = values["backend"].lower()
     cfg = TrainConfig(data=data, **values)
-    result = train(cfg, TrainReporter(), resume=resume, force=force)
+    result = train(cfg, TrainReporter(cfg.mask), resume=resume, force=force)
     if result.status == "interrupted":
         ctx.exit(130)
     if result.status == "nonfinite":
         raise CliError(result.message)
-    click.echo(f"best val Dice {result.best_dice:.4f} at epoch {result.best_epoch}; run folder {result.out}")
+    what = "score (dice_nonempty x (1 - fp_image_rate))" if cfg.mask == "infection" else "Dice"
+    click.echo(f"best val {what} {result.best_dice:.4f} at epoch {result.best_epoch}; run folder {result.out}")
