@@ -82,11 +82,11 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
-def _list_images(d: Path) -> list[Path]:
+def list_images(d: Path) -> list[Path]:
     return sorted((p for p in d.iterdir() if _is_image(p)), key=lambda p: p.name)
 
 
-def _subdir(d: Path, name: str) -> Path | None:
+def subdir(d: Path, name: str) -> Path | None:
     """The child folder of d named ``name``, ignoring case, or None."""
     if not d.is_dir():
         return None
@@ -100,7 +100,7 @@ def _subdir(d: Path, name: str) -> Path | None:
 
 
 def _is_qu_class(d: Path) -> bool:
-    return _subdir(d, "images") is not None and any(_subdir(d, m) for m in QU_MASK_DIRS.values())
+    return subdir(d, "images") is not None and any(subdir(d, m) for m in QU_MASK_DIRS.values())
 
 
 def _qu_classes(d: Path) -> list[Path]:
@@ -112,23 +112,23 @@ def _qu_classes(d: Path) -> list[Path]:
 def _qu_split_dirs(d: Path) -> dict:
     out = {}
     for s in SPLITS:
-        sd = _subdir(d, s)
+        sd = subdir(d, s)
         if sd is not None and _qu_classes(sd):
             out[s] = sd
     return out
 
 
 def _scan_qu_class(cdir: Path, mask: str, root: Path, require_masks: bool) -> list[Item]:
-    images_dir = _subdir(cdir, "images")
-    mask_dir = _subdir(cdir, QU_MASK_DIRS[mask])
+    images_dir = subdir(cdir, "images")
+    mask_dir = subdir(cdir, QU_MASK_DIRS[mask])
     if mask_dir is None and require_masks:
-        other = [m for m in MASK_KINDS if m != mask and _subdir(cdir, QU_MASK_DIRS[m])]
+        other = [m for m in MASK_KINDS if m != mask and subdir(cdir, QU_MASK_DIRS[m])]
         hint = f"use --mask {other[0]}" if other else "check the folder"
         if mask == "infection":
             hint += " or point at the 'Infection Segmentation Data' folder"
         raise DataError(f"no '{QU_MASK_DIRS[mask]}' folder in {cdir}: {hint}")
     items = []
-    for img in _list_images(images_dir):
+    for img in list_images(images_dir):
         m = mask_dir / img.name if mask_dir is not None else None
         if m is not None and not m.is_file():
             if require_masks:
@@ -139,20 +139,20 @@ def _scan_qu_class(cdir: Path, mask: str, root: Path, require_masks: bool) -> li
 
 
 def _scan_generic(d: Path, root: Path, require_masks: bool) -> list[Item]:
-    images_dir, masks_dir = _subdir(d, "images"), _subdir(d, "masks")
+    images_dir, masks_dir = subdir(d, "images"), subdir(d, "masks")
     if masks_dir is None and require_masks:
         raise DataError(
             f"{d} has images/ but no masks/ folder: put each image's mask in {d / 'masks'} under the same name"
         )
     masks = {}
     if masks_dir is not None:
-        for p in _list_images(masks_dir):
+        for p in list_images(masks_dir):
             masks.setdefault(p.name, p)
             masks.setdefault(p.stem, p)
             if p.stem.endswith("_mask"):
                 masks.setdefault(p.stem[: -len("_mask")], p)
     items = []
-    for img in _list_images(images_dir):
+    for img in list_images(images_dir):
         m = masks.get(img.name) or masks.get(img.stem)
         if m is None and require_masks:
             raise DataError(
@@ -178,12 +178,12 @@ def find_data(root, mask: str = "lung", require_masks: bool = True) -> DataIndex
 
     # COVID-QU-Ex, from the top down to one class folder.
     part = root
-    present = [p for p in QU_PARTS if _subdir(root, p)]
+    present = [p for p in QU_PARTS if subdir(root, p)]
     if present:
         wanted = [p for p in (QU_PARTS if mask == "lung" else QU_PARTS[1:]) if p in present]
         if not wanted:
             raise DataError(f"{root} has no '{QU_PARTS[1]}' folder, which --mask infection needs: use --mask lung")
-        part = _subdir(root, wanted[0])
+        part = subdir(root, wanted[0])
     splits = {}
     split_dirs = _qu_split_dirs(part)
     if split_dirs:
@@ -197,12 +197,12 @@ def find_data(root, mask: str = "lung", require_masks: bool = True) -> DataIndex
         layout = "covid-qu-ex"
     else:
         layout = "generic"
-        if _subdir(root, "images") is not None:
+        if subdir(root, "images") is not None:
             splits["all"] = _scan_generic(root, root, require_masks)
         else:
             for s in SPLITS:
-                sd = _subdir(root, s)
-                if sd is not None and _subdir(sd, "images") is not None:
+                sd = subdir(root, s)
+                if sd is not None and subdir(sd, "images") is not None:
                     splits[s] = _scan_generic(sd, root, require_masks)
     splits = {k: v for k, v in splits.items() if v}
     if not splits:

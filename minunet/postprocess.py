@@ -86,10 +86,15 @@ def overlay(gray: np.ndarray, mask: np.ndarray, color=(255, 40, 40), alpha=0.35)
     m = np.asarray(mask).astype(bool)
     rgb = np.repeat(g[..., None], 3, axis=2)
     rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, np.float32)
-    inner = m.copy()  # erosion by the 4-neighbourhood: outline = mask minus its interior
+    rgb[m & ~interior(m)] = (255, 230, 0)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def interior(m: np.ndarray) -> np.ndarray:
+    """The (H, W) bool mask eroded by its 4-neighbourhood: its outline is ``m & ~interior(m)``."""
+    inner = m.copy()
     inner[1:] &= m[:-1]
     inner[:-1] &= m[1:]
     inner[:, 1:] &= m[:, :-1]
     inner[:, :-1] &= m[:, 1:]
-    rgb[m & ~inner] = (255, 230, 0)
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    return inner

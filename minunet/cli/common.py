@@ -11,6 +11,7 @@ import click
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_DATA = ASSETS / "sample"
 DEFAULT_MODEL = ASSETS / "model" / "lung_unet.npz"
+DEFAULT_INFECTION_MODEL = ASSETS / "model" / "infection_unet.npz"
 
 BACKENDS = click.Choice(["auto", "numpy", "numba", "cupy"], case_sensitive=False)
 MASKS = click.Choice(["lung", "infection"], case_sensitive=False)
@@ -23,10 +24,10 @@ def load_model(path, backend_name="auto", base_channels=None, depth=None):
     from minunet.train import resolve_backend
 
     path = Path(path)
-    if not path.exists() and path == DEFAULT_MODEL:
+    if not path.exists() and path in (DEFAULT_MODEL, DEFAULT_INFECTION_MODEL):
         raise CheckpointError(
-            f"the shipped model {path} is not there (this install has no pretrained model yet): "
-            "pass --model with a checkpoint, e.g. --model runs/sample/best.npz after 'minunet train'"
+            f"the shipped model {path} is not there (this install has no pretrained model of that kind yet): "
+            "pass a checkpoint, e.g. runs/sample/best.npz after 'minunet train'"
         )
     ck = load_checkpoint(path)
     ck.check_model_config({"base_channels": base_channels, "depth": depth})

@@ -11,7 +11,7 @@ from minunet.cli.common import BACKENDS, DEFAULT_MODEL, Bar, load_model
 
 def collect_inputs(inputs):
     """Image files from INPUT arguments: files, folders of images, folders with images/, dataset folders."""
-    from minunet.data import IMAGE_EXTS, _list_images, _subdir
+    from minunet.data import IMAGE_EXTS, list_images, subdir
     from minunet.errors import DataError
 
     files = []
@@ -20,9 +20,9 @@ def collect_inputs(inputs):
         if not p.exists():
             raise DataError(f"input {p} does not exist: pass image files or folders of images")
         if p.is_dir():
-            found = _list_images(p)
-            if not found and _subdir(p, "images") is not None:
-                found = _list_images(_subdir(p, "images"))
+            found = list_images(p)
+            if not found and subdir(p, "images") is not None:
+                found = list_images(subdir(p, "images"))
             if not found:  # a dataset folder (COVID-QU-Ex or split generic): every image in it
                 from minunet.data import find_data
 
