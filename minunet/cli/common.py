@@ -17,7 +17,7 @@ BACKENDS = click.Choice(["auto", "numpy", "numba", "cupy"], case_sensitive=False
 MASKS = click.Choice(["lung", "infection"], case_sensitive=False)
 
 
-def load_model(path, backend_name="auto", base_channels=None, depth=None):
+def load_model(path, backend_name="auto", base_channels=None, depth=None, option="--model"):
     """(model, checkpoint, backend note) from a checkpoint; checks explicit flags against its config."""
     from minunet.checkpoint import load_checkpoint
     from minunet.errors import CheckpointError
@@ -27,7 +27,7 @@ def load_model(path, backend_name="auto", base_channels=None, depth=None):
     if not path.exists() and path in (DEFAULT_MODEL, DEFAULT_INFECTION_MODEL):
         raise CheckpointError(
             f"the shipped model {path} is not there (this install has no pretrained model of that kind yet): "
-            "pass a checkpoint, e.g. runs/sample/best.npz after 'minunet train'"
+            f"pass {option} with a checkpoint, e.g. {option} runs/sample/best.npz after 'minunet train'"
         )
     ck = load_checkpoint(path)
     ck.check_model_config({"base_channels": base_channels, "depth": depth})

@@ -61,7 +61,8 @@ def predict_cmd(inputs, out, model_path, threshold, keep_largest, size, batch_si
     from PIL import Image
 
     from minunet.cli.errors import CliError
-    from minunet.data import read_gray, resize_gray
+    from minunet.data import read_gray
+    from minunet.inference import probabilities
     from minunet.postprocess import keep_largest as keep_k
     from minunet.postprocess import overlay
     from minunet.train import check_size
@@ -78,18 +79,12 @@ def predict_cmd(inputs, out, model_path, threshold, keep_largest, size, batch_si
     check_size(size, model.depth)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    be = model.backend
     used = set()
     bar = Bar()
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         grays = [read_gray(f) for f in chunk]
-        x = np.stack([resize_gray(g, size) for g in grays]).astype(np.float32)[:, None] / np.float32(255)
-        prob = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x)))), np.float32)[:, 0]
-        for f, g, p in zip(chunk, grays, prob, strict=True):
-            h, w = g.shape
-            if (h, w) != p.shape:  # back to the image's own size, bilinear on the probability
-                p = np.asarray(Image.fromarray(p, mode="F").resize((w, h), Image.BILINEAR))
+        for f, g, p in zip(chunk, grays, probabilities(model, grays, size, batch_size), strict=True):
             m = keep_k(p > threshold, keep_largest)
             name = f.stem
             k = 2

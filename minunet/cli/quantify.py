@@ -98,8 +98,8 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, only, subs
         raise CliError("--subset chooses a list of the --only split file: give --only too")
     cases = collect_cases(inputs, only, subset)
     models = []
-    for path in (lung_model, infection_model):
-        model, ck, note = load_model(path, backend.lower())
+    for path, option in ((lung_model, "--lung-model"), (infection_model, "--infection-model")):
+        model, ck, note = load_model(path, backend.lower(), option=option)
         if note and not models:
             click.echo(f"note: {note}", err=True)
         models.append((model, int(ck.meta.get("train_config", {}).get("size", 256))))
