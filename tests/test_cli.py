@@ -11,7 +11,7 @@ from minidata import make_generic, make_qu, save
 from PIL import Image
 
 from minunet.cli import main
-from minunet.postprocess import keep_largest, label_components
+from minunet.postprocess import drop_small, keep_largest, label_components
 
 TINY = ["--backend", "numpy", "--base-channels", "4", "--depth", "2", "--size", "32", "--batch-size", "4",
         "--no-cache"]
@@ -96,6 +96,18 @@ def test_keep_largest_components():
     u = np.zeros((5, 5), bool)
     u[:, 0] = u[:, 4] = u[4, :] = True  # a U joins through its bottom row
     assert label_components(u)[1].tolist() == [13]
+
+
+def test_drop_small_components():
+    m = np.zeros((10, 10), bool)
+    m[0:3, 0:3] = True  # 9 pixels
+    m[6:10, 6:10] = True  # 16 pixels
+    m[0, 9] = True  # 1 pixel
+    assert drop_small(m, 0.10).sum() == 16  # components under 10 of the 100 pixels go
+    assert drop_small(m, 0.09).sum() == 25  # 9 is not under 9
+    assert np.array_equal(drop_small(m, 0), m)
+    batch = np.stack([m, ~m])[:, None]
+    assert drop_small(batch, 0.10).shape == batch.shape and drop_small(batch, 0.10)[0, 0].sum() == 16
 
 
 def test_summary_matches_the_model():
