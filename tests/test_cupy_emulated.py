@@ -1,7 +1,8 @@
 """The CuPy backend's CUDA kernels and host code, checked on the CPU.
 
-No GPU is needed: the CUDA source of ``minunet.kernels.cupy_gpu`` is compiled
-with the host C++ compiler under a small prelude that turns ``__global__``
+No GPU is needed: the whole CUDA source of ``minunet.kernels.cupy``
+(``cuda_source(dtype)``, exactly what NVRTC compiles) is compiled with the host
+C++ compiler under a small prelude that turns ``__global__``/``__device__``
 functions into plain C functions and ``blockIdx``/``threadIdx`` into globals the
 test sets. Each launch runs every (block, thread) of a small grid in turn, so the
 grid-stride loops, the index math and every gather are exercised exactly as
@@ -22,7 +23,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from minunet.kernels import cupy_gpu
+from minunet.kernels.cupy import CupyBackend, cuda_source, kernels
 from minunet.kernels.numpy_ref import NumpyBackend
 
 CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -36,6 +37,7 @@ extern "C" void emu_set(unsigned int b, unsigned int t, unsigned int bd, unsigne
     blockIdx.x = b; threadIdx.x = t; blockDim.x = bd; gridDim.x = gd;
 }
 #define __global__
+#define __device__
 """
 
 GRID, BLOCK = 3, 5  # an odd little grid: every grid-stride loop runs several rounds
@@ -49,13 +51,13 @@ def emu_lib(dtype, tmp_path_factory):
     if dtype not in _libs:
         d = tmp_path_factory.mktemp(f"cuda_emu_{dtype}")
         src, lib = d / "kernels.cpp", d / "kernels.so"
-        src.write_text(PRELUDE + cupy_gpu.REAL_PRELUDE[dtype] + cupy_gpu.CUDA_SOURCE)
+        src.write_text(PRELUDE + cuda_source(dtype))
         subprocess.run([CXX, "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(lib), str(src)], check=True)
         _libs[dtype] = ctypes.CDLL(str(lib))
     return _libs[dtype]
 
 
-class EmulatedCupyBackend(cupy_gpu.CupyBackend):
+class EmulatedCupyBackend(CupyBackend):
     """CupyBackend with numpy as xp and the CUDA kernels run on the host."""
 
     def __init__(self, lib, dtype, **kw):
@@ -66,8 +68,9 @@ class EmulatedCupyBackend(cupy_gpu.CupyBackend):
         self.xp = np
         self._kernels = None
 
-    def _launch(self, name, total, *args):
-        assert name in cupy_gpu.KERNEL_NAMES
+    def _launch(self, kernel, total, *args):
+        assert kernel in kernels(), f"{kernel.name} is not in the compiled source"
+        name = kernel.name
         if total <= 0:
             return
         cargs = []
@@ -111,11 +114,18 @@ def _nchw(be, a):
     return be.to_nchw(a)
 
 
-def test_kernel_argument_lists_match_the_source():
-    # Every kernel the backend launches is defined in the source, and vice versa.
-    for name in cupy_gpu.KERNEL_NAMES:
-        assert f'extern "C" __global__ void {name}(' in cupy_gpu.CUDA_SOURCE
-    assert cupy_gpu.CUDA_SOURCE.count('extern "C" __global__') == len(cupy_gpu.KERNEL_NAMES)
+def test_every_kernel_is_defined_once_under_its_name():
+    # Each CudaKernel's source defines exactly the function it is launched by, and the whole
+    # source (both dtypes) defines each kernel once and nothing else.
+    names = [k.name for k in kernels()]
+    assert len(names) == len(set(names)) == 14
+    for k in kernels():
+        assert k.source.count('extern "C" __global__') == 1
+        assert f'extern "C" __global__ void {k.name}(' in k.source
+    for dtype in ("float32", "float64"):
+        src = cuda_source(dtype)
+        assert src.count('extern "C" __global__') == len(names)
+        assert all(src.count(f" void {n}(") == 1 for n in names)
 
 
 @pytest.mark.parametrize("k", [3, 1])
@@ -232,9 +242,25 @@ def test_adam(be, ref):
     np.testing.assert_allclose(v, vr, rtol=1e-6, atol=1e-12)
 
 
+# -- the optional interface methods ----------------------------------------------------------
+
+
+def test_sigmoid_bce_device_leaves_the_loss_as_a_0d_float64(be):
+    rng = np.random.default_rng(14)
+    z = rng.standard_normal((2, 1, 4, 6)).astype(be.dtype)
+    y = (rng.random(z.shape) > 0.5).astype(be.dtype)
+    loss_dev, dz_dev = be.sigmoid_bce_device(z, y)
+    loss, dz = be.sigmoid_bce(z, y)
+    assert np.shape(loss_dev) == () and loss_dev.dtype == np.float64
+    assert float(loss_dev) == loss
+    np.testing.assert_array_equal(dz_dev, dz)
+    with pytest.raises(ValueError, match="shape"):
+        be.sigmoid_bce_device(z, y[:1])
+
+
 def test_dtype_refused():
     with pytest.raises(ValueError, match="float32"):  # refused before cupy is even imported
-        cupy_gpu.CupyBackend("float16")
+        CupyBackend("float16")
 
 
 def test_unet_training_step_matches_reference(be, ref):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minunet.kernels.base import check_dtype
+from minunet.kernels.base import Backend, check_dtype
 
 
 class ConvCache(NamedTuple):
@@ -40,7 +40,7 @@ def _stable_sigmoid(z):
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(z.dtype, copy=False)
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     name = "numpy"
     xp = np
 
