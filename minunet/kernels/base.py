@@ -20,6 +20,18 @@ Conventions (after cs231n and llm.c):
   gradient buffers, so a tensor used twice (the skip connection) receives the
   sum of both gradients by construction.
 
+NaN rule (every backend, every op): NaN and inf propagate, so the training
+loop's non-finite-loss guard sees them and a NaN weight never becomes a silent
+dead channel. Concretely, as the NumPy reference computes it:
+- ReLU forward (fused or not) keeps a NaN: max(NaN, 0) = NaN.
+- ReLU backward is the product dx = dy * [y > 0], not a select: a NaN or inf
+  in dy gives NaN even where y <= 0, and a NaN y counts as "not > 0".
+- Max-pool: a NaN in the window wins. The argmax is the first NaN in window
+  order (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right), else the
+  first maximum (ties -> lowest index), exactly as ``numpy.argmax``.
+- Everything else (convolutions, sums, sigmoid, BCE, Adam, copies) is plain
+  IEEE arithmetic, which propagates NaN by itself.
+
 Required ops are abstract below. Three optional ones (``synchronize``,
 ``upload_async``, ``sigmoid_bce_device``) have CPU defaults here, which a GPU
 backend overrides to keep work queued on the device.
@@ -59,25 +71,27 @@ class Backend(ABC):
     def conv2d_forward(self, x, w, b, relu: bool = False):
         """x (N,Cin,H,W), w (Cout,Cin,k,k), b (Cout) -> (y (N,Cout,H,W), cache).
 
-        y = conv(x, w) + b, then max(y, 0) when ``relu`` (fused)."""
+        y = conv(x, w) + b, then max(y, 0) when ``relu`` (fused; keeps NaN)."""
 
     @abstractmethod
     def conv2d_backward(self, dy, cache, need_dx: bool = True):
-        """dy (N,Cout,H,W) -> (dx or None, dw (Cout,Cin,k,k), db (Cout))."""
+        """dy (N,Cout,H,W) -> (dx or None, dw (Cout,Cin,k,k), db (Cout)).
+
+        With ReLU fused, dy is first multiplied by [y > 0] (the ReLU backward)."""
 
     # -- ReLU (unfused) -----------------------------------------------------
     @abstractmethod
     def relu_forward(self, x):
-        """y = max(x, 0) -> (y, cache)."""
+        """y = max(x, 0), NaN kept -> (y, cache)."""
 
     @abstractmethod
     def relu_backward(self, dy, cache):
-        """dx = dy * [y > 0]."""
+        """dx = dy * [y > 0], a product (NaN or inf in dy stays NaN where y <= 0)."""
 
     # -- 2x2 max-pool, stride 2 ----------------------------------------------
     @abstractmethod
     def maxpool2x2_forward(self, x):
-        """x (N,C,H,W) -> (y (N,C,H/2,W/2), cache holding the argmax 0..3)."""
+        """x (N,C,H,W) -> (y (N,C,H/2,W/2), cache holding the argmax 0..3; NaN wins)."""
 
     @abstractmethod
     def maxpool2x2_backward(self, dy, cache):

@@ -130,7 +130,8 @@ class NumpyBackend(Backend):
         )
 
     def maxpool2x2_forward(self, x):
-        """y = max of each 2x2 window; the argmax is the first maximum (ties -> lowest index)."""
+        """y = max of each 2x2 window; the argmax is the first maximum (ties -> lowest index),
+        or the first NaN when there is one (NaN wins, as numpy.argmax)."""
         N, C, H, W = x.shape
         if H % 2 or W % 2:
             raise ValueError(f"max-pool needs even H and W, got {H}x{W}")

@@ -26,6 +26,9 @@ written for a type ``real`` and compiled once per dtype by NVRTC at run time
 (``cupy.RawModule``, no nvcc needed); cuBLAS runs SGEMM or DGEMM. float64 is
 for checks against the reference (it is slow on most GPUs). cuBLAS runs in
 plain FP32 (CuPy enables TF32 only when CUPY_TF32=1 is set).
+
+NaN and inf propagate as the interface says (``kernels/base.py``): the ReLU
+keeps a NaN, its backward is a product, and a NaN wins the max-pool window.
 """
 
 from minunet.kernels.cupy.backend import CupyBackend, cuda_source, kernels

@@ -69,12 +69,12 @@ extern "C" __global__ void im2col_nhwc(const real* __restrict__ x, real* __restr
         return out
 
     BIAS_ACT = CudaKernel("bias_act", r"""
-// y (M, C) in place: y += b[c]; then max(y, 0) when relu != 0.
+// y (M, C) in place: y += b[c]; then max(y, 0) when relu != 0 (a NaN stays NaN).
 extern "C" __global__ void bias_act(real* __restrict__ y, const real* __restrict__ b,
                                     long long total, int C, int relu) {
     GRID_LOOP(idx, total) {
         real v = y[idx] + b[idx % C];
-        if (relu && !(v > (real)0)) v = (real)0;
+        if (relu) v = relu_keep_nan(v);
         y[idx] = v;
     }
 }

@@ -59,4 +59,10 @@ __device__ inline Nhwc nhwc_unflatten(long long idx, int H, int W, int C) {
 __device__ inline long long nhwc_flat(long long n, int h, int w, int c, int H, int W, int C) {
     return ((n * H + h) * W + w) * (long long)C + c;
 }
+
+// True only for NaN (IEEE: NaN != NaN); holds because RawModule does not pass --use_fast_math.
+__device__ inline bool is_nan(real v) { return v != v; }
+
+// max(v, 0) that keeps a NaN: the NaN rule of the backend interface (kernels/base.py).
+__device__ inline real relu_keep_nan(real v) { return (v > (real)0 || is_nan(v)) ? v : (real)0; }
 """

@@ -23,11 +23,10 @@ class ElementwiseOps:
     which provides ``xp``, ``dtype``, ``_launch`` and ``_c``."""
 
     RELU_FWD = CudaKernel("relu_fwd", r"""
-// y = max(x, 0)
+// y = max(x, 0), a NaN stays NaN
 extern "C" __global__ void relu_fwd(const real* __restrict__ x, real* __restrict__ y, long long total) {
     GRID_LOOP(idx, total) {
-        const real v = x[idx];
-        y[idx] = v > (real)0 ? v : (real)0;
+        y[idx] = relu_keep_nan(x[idx]);
     }
 }
 """)
@@ -40,11 +39,12 @@ extern "C" __global__ void relu_fwd(const real* __restrict__ x, real* __restrict
         return y, ReluCache(y)
 
     RELU_BWD = CudaKernel("relu_bwd", r"""
-// dx = dy * [y > 0]   (y is the ReLU output; y > 0 exactly where its input > 0)
+// dx = dy * [y > 0]   (y is the ReLU output; y > 0 exactly where its input > 0). A product, as in
+// the reference, not a select: a NaN or inf in dy gives NaN even where y <= 0.
 extern "C" __global__ void relu_bwd(const real* __restrict__ dy, const real* __restrict__ y,
                                     real* __restrict__ dx, long long total) {
     GRID_LOOP(idx, total) {
-        dx[idx] = y[idx] > (real)0 ? dy[idx] : (real)0;
+        dx[idx] = dy[idx] * (y[idx] > (real)0 ? (real)1 : (real)0);
     }
 }
 """)
@@ -144,7 +144,8 @@ extern "C" __global__ void sigmoid_bce_k(const real* __restrict__ z, const real*
         """As ``sigmoid_bce`` but the loss stays on the device as a 0-d float64 array.
 
         No host synchronisation: a training loop can keep it and call float() on it
-        only when it logs."""
+        only when it logs. (A NaN z makes lp NaN through -z*y and log1p, so the
+        max(z, 0) term needs no NaN care.)"""
         z = self._c(z)
         y = self._c(y)
         if y.shape != z.shape:

@@ -20,7 +20,8 @@ class PoolOps:
 
     MAXPOOL_FWD = CudaKernel("maxpool_fwd", r"""
 // x (N,H,W,C) -> y (N,H/2,W/2,C), am (N,H/2,W/2,C) in 0..3 (row-major in the window:
-// 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right). First maximum wins (strict >).
+// 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right). A NaN wins: the first NaN, else the
+// first maximum (strict >), as numpy.argmax.
 extern "C" __global__ void maxpool_fwd(const real* __restrict__ x, real* __restrict__ y,
                                        unsigned char* __restrict__ am, int N, int H, int W, int C) {
     const int Ho = H / 2, Wo = W / 2;
@@ -31,8 +32,8 @@ extern "C" __global__ void maxpool_fwd(const real* __restrict__ x, real* __restr
         const real v[4] = {p0[0], p0[C], p0[(long long)W * C], p0[(long long)W * C + C]};
         real best = v[0];
         unsigned char a = 0;
-        for (unsigned char q = 1; q < 4; ++q) {
-            if (v[q] > best) { best = v[q]; a = q; }
+        for (unsigned char q = 1; q < 4 && !is_nan(best); ++q) {  // once best is NaN it stays
+            if (v[q] > best || is_nan(v[q])) { best = v[q]; a = q; }
         }
         y[idx] = best;
         am[idx] = a;
@@ -41,8 +42,8 @@ extern "C" __global__ void maxpool_fwd(const real* __restrict__ x, real* __restr
 """)
 
     def maxpool2x2_forward(self, x):
-        """x (N,H,W,C) -> y (N,H/2,W/2,C) = max of each 2x2 window; argmax 0..3 = the
-        first maximum in row-major window order (ties -> lowest index), as the reference."""
+        """x (N,H,W,C) -> y (N,H/2,W/2,C) = max of each 2x2 window; argmax 0..3 = the first NaN,
+        else the first maximum in row-major window order (ties -> lowest index), as the reference."""
         x = self._c(x)
         N, H, W, C = x.shape
         if H % 2 or W % 2:
