@@ -21,7 +21,7 @@ import numpy as np
 from minunet.checkpoint import load_checkpoint
 from minunet.cli.evaluate import filter_items
 from minunet.data import default_cache_dir, find_data, load_arrays
-from minunet.kernels.base import get_backend
+from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator, selection_score
 from minunet.postprocess import drop_small
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minunet.kernels.base import check_dtype, get_backend
+from minunet.kernels import get_backend
+from minunet.kernels.base import check_dtype
 from minunet.layers import Conv2d, DoubleConv, MaxPool2d, UpConv2d
 
 

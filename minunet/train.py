@@ -51,7 +51,7 @@ from minunet.data import (
     read_name_list,
 )
 from minunet.errors import ConfigError
-from minunet.kernels.base import get_backend
+from minunet.kernels import open_backend
 from minunet.losses import loss_and_grad
 from minunet.metrics import ScoreAccumulator, selection_score
 from minunet.model import UNet
@@ -134,18 +134,6 @@ def check_size(size, depth):
             f"--size {size} is not divisible by 2**depth = {f}: use a multiple of {f} "
             f"(e.g. {max(f, size // f * f)}) or a smaller --depth"
         )
-
-
-def resolve_backend(name: str, dtype: str = "float32"):
-    """(backend, note): ``auto`` falls back to numpy, with a note, while numba is not installed."""
-    try:
-        return get_backend(name, dtype), None
-    except ImportError as e:
-        if name == "auto":
-            return get_backend("numpy", dtype), f"the numba backend is not available ({e}); using numpy"
-        raise ConfigError(f"the {name} backend is not available ({e}): use --backend numpy") from None
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"the {name} backend cannot start: {e}") from None  # e says what to do
 
 
 # -- schedule ------------------------------------------------------------------
@@ -363,7 +351,7 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         split = split_from_file(index, cfg.split_file, exclude)
     else:
         split = make_split(index, cfg.val_fraction, cfg.seed, cfg.limit, exclude)
-    backend, note = resolve_backend(cfg.backend)
+    backend, note = open_backend(cfg.backend)
     emit("backend", name=backend.name, note=note)
     split_json = split.to_json(index)
     if resume:

@@ -238,9 +238,9 @@ def test_evaluate_a_split_files_test_list_with_infection_figures(trained, tmp_pa
 
 
 def test_cupy_backend_without_a_gpu_is_a_clear_error(tmp_path):
-    from minunet.kernels.cupy_gpu import cuda_available
+    from minunet.kernels.cupy import cuda_status
 
-    if cuda_available():
+    if cuda_status()[0]:
         pytest.skip("a CUDA device answers here")
     assert_one_line_error(run("train", "--backend", "cupy", "--epochs", "1", "--out", tmp_path / "run"),
                           "cupy backend", "minunet[gpu]")

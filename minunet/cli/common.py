@@ -21,7 +21,7 @@ def load_model(path, backend_name="auto", base_channels=None, depth=None, option
     """(model, checkpoint, backend note) from a checkpoint; checks explicit flags against its config."""
     from minunet.checkpoint import load_checkpoint
     from minunet.errors import CheckpointError
-    from minunet.train import resolve_backend
+    from minunet.kernels import open_backend
 
     path = Path(path)
     if not path.exists() and path in (DEFAULT_MODEL, DEFAULT_INFECTION_MODEL):
@@ -31,7 +31,7 @@ def load_model(path, backend_name="auto", base_channels=None, depth=None, option
         )
     ck = load_checkpoint(path)
     ck.check_model_config({"base_channels": base_channels, "depth": depth})
-    backend, note = resolve_backend(backend_name)
+    backend, note = open_backend(backend_name)
     return ck.build_model(backend), ck, note
 
 
