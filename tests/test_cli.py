@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +50,37 @@ def test_help_lists_every_command_with_examples():
         assert cmd in r.output
         sub = run(cmd, "--help")
         assert sub.exit_code == 0 and "Examples" in sub.output and f"minunet {cmd}" in sub.output
+
+
+def test_options_take_their_defaults_from_train_config():
+    """Each training default is written once, in TrainConfig; the options of train, evaluate and
+    summary read it, and --help shows it."""
+    from minunet.cli.evaluate import evaluate_cmd
+    from minunet.cli.summary import summary_cmd
+    from minunet.cli.train import train_cmd
+    from minunet.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    shared = {train_cmd: set(defaults) - {"workers"}, summary_cmd: {"base_channels", "depth", "size", "batch_size"},
+              evaluate_cmd: {"mask", "batch_size", "backend"}}
+    for cmd, names in shared.items():
+        options = {p.name: p for p in cmd.params if p.name in names}
+        assert set(options) == names, (cmd.name, names - set(options))
+        for name, p in options.items():
+            assert p.default == defaults[name], (cmd.name, name, p.default, defaults[name])
+            assert p.show_default or defaults[name] is None, (cmd.name, name)
+    helptext = " ".join(run("train", "--help").output.split())
+    for flag, value in (("--epochs", 10), ("--lr", 0.001), ("--size", 256), ("--val-fraction", 0.1)):
+        assert value == defaults[flag[2:].replace("-", "_")] and f"[default: {value}]" in helptext, flag
+
+
+def test_the_cli_imports_only_public_names():
+    """Private helpers (a leading _) stay in their module: the commands use the library's public API."""
+    for path in sorted((Path(__file__).resolve().parent.parent / "minunet" / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minunet"):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                assert not private, (path.name, node.module, private)
 
 
 def test_train_prints_a_row_per_epoch(trained):

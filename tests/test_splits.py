@@ -9,10 +9,10 @@ import pytest
 from minidata import make_qu
 
 from minunet.checkpoint import load_checkpoint
-from minunet.data import find_data, read_name_list
+from minunet.data import find_data, read_name_list, read_split, split_from_file
+from minunet.data.split_files import NAMED, build_fixed_split, index_from_names
 from minunet.errors import CheckpointError, ConfigError, DataError
-from minunet.splits import NAMED, build_fixed_split, index_from_names, read_split
-from minunet.train import TrainConfig, split_from_file, train
+from minunet.train import TrainConfig, train
 
 SAMPLE_FILES = NAMED["covid-qu-ex"].parent.parent / "sample" / "FILES.txt"
 

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from minunet.cli.common import BACKENDS, DEFAULT_MODEL, MASKS, Bar, load_model
+from minunet.cli.common import BACKENDS, DEFAULT_MODEL, MASKS, TRAIN_DEFAULTS, Bar, config_option, load_model
+from minunet.evaluation import THRESHOLD
 
 
 def choose_split(index, split):
@@ -37,9 +38,9 @@ def filter_items(items, only, subset=None):
     when the file has one, else val)."""
     from pathlib import Path
 
-    from minunet.data import name_matches, read_name_list
+    from minunet.data import name_matches, read_name_list, read_split, resolve_split_path
+    from minunet.data.split_files import NAMED
     from minunet.errors import DataError
-    from minunet.splits import NAMED, read_split, resolve_split_path
 
     path = resolve_split_path(only)
     if only in NAMED or path.suffix == ".json":
@@ -65,12 +66,12 @@ def filter_items(items, only, subset=None):
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("--model", "model_path", type=click.Path(path_type=str), default=str(DEFAULT_MODEL),
               show_default="the shipped lung model", help="Checkpoint (.npz) written by 'minunet train'.")
-@click.option("--mask", type=MASKS, default="lung", show_default=True)
+@config_option("--mask", type=MASKS)
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
               help="[default: test if it has masks, else val, else all]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--size", type=int, default=None, help="Resize to SIZE [default: the size the model was trained at].")
-@click.option("--threshold", type=float, default=0.5, show_default=True)
+@click.option("--threshold", type=float, default=THRESHOLD, show_default=True)
 @click.option("--keep-largest", type=int, default=0, show_default=True,
               help="Keep only the K largest connected components of each prediction (0: all).")
 @click.option("--only", type=str, default=None,
@@ -78,8 +79,8 @@ def filter_items(items, only, subset=None):
                    "(covid-qu-ex: the committed split).")
 @click.option("--subset", type=click.Choice(["train", "val", "test"]), default=None,
               help="Which list of the --only split file [default: test if it has one, else val].")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+@config_option("--batch-size", type=int)
+@config_option("--backend", type=BACKENDS)
 @click.option("--base-channels", type=int, default=None, help="Check the checkpoint has this width.")
 @click.option("--depth", type=int, default=None, help="Check the checkpoint has this depth.")
 @click.option("--cache-dir", type=click.Path(path_type=str), default=None)
@@ -96,7 +97,8 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
     """
     from minunet.cli.errors import CliError
     from minunet.data import default_cache_dir, find_data, load_arrays
-    from minunet.train import check_size, evaluate_model
+    from minunet.evaluation import evaluate_model
+    from minunet.model import check_size
 
     if batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {batch_size}")
@@ -110,7 +112,7 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
     elif subset:
         raise CliError("--subset chooses a list of the --only split file: give --only too")
     model, ck, note = load_model(model_path, backend.lower(), base_channels, depth)
-    size = size or int(ck.meta.get("train_config", {}).get("size", 256))
+    size = size or int(ck.meta.get("train_config", {}).get("size", TRAIN_DEFAULTS["size"]))
     check_size(size, model.depth)
     bar = Bar()
     arrays = load_arrays(items, size, default_cache_dir() if cache_dir is None else cache_dir or None,

@@ -11,7 +11,7 @@ from minunet.cli.common import BACKENDS, DEFAULT_MODEL, Bar, load_model
 
 def collect_inputs(inputs):
     """Image files from INPUT arguments: files, folders of images, folders with images/, dataset folders."""
-    from minunet.data import IMAGE_EXTS, list_images, subdir
+    from minunet.data import IMAGE_EXTS, find_data, list_images, subdir
     from minunet.errors import DataError
 
     files = []
@@ -24,8 +24,6 @@ def collect_inputs(inputs):
             if not found and subdir(p, "images") is not None:
                 found = list_images(subdir(p, "images"))
             if not found:  # a dataset folder (COVID-QU-Ex or split generic): every image in it
-                from minunet.data import find_data
-
                 try:
                     found = [it.image for it in find_data(p, require_masks=False).items()]
                 except DataError:
@@ -63,9 +61,9 @@ def predict_cmd(inputs, out, model_path, threshold, keep_largest, size, batch_si
     from minunet.cli.errors import CliError
     from minunet.data import read_gray
     from minunet.inference import probabilities
+    from minunet.model import check_size
     from minunet.postprocess import keep_largest as keep_k
     from minunet.postprocess import overlay
-    from minunet.train import check_size
 
     if not 0 < threshold < 1:
         raise CliError(f"--threshold must be between 0 and 1, got {threshold}")

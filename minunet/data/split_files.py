@@ -6,7 +6,7 @@ i.e. class folder and file name, or the full path relative to the data
 root, as a run's ``split.json`` writes it). Two kinds exist:
 
 - a run's ``split.json`` (``train`` and ``val``), written by ``minunet train``;
-- the committed COVID-QU-Ex split, ``assets/splits/covid-qu-ex.json``
+- the committed COVID-QU-Ex split, ``minunet/assets/splits/covid-qu-ex.json``
   (name: ``covid-qu-ex``), which every shipped model uses: ``val`` chooses
   ``best.npz`` and the recipe, ``test`` is scored once at the end.
 
@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minunet.data import DataIndex, Item, make_split, name_matches
-from minunet.errors import DataError
+from minunet.data.discover import DataIndex, Item
+from minunet.data.split import Split, make_split, name_matches
+from minunet.errors import ConfigError, DataError
 
-SPLITS_DIR = Path(__file__).resolve().parent / "assets" / "splits"
+SPLITS_DIR = Path(__file__).resolve().parent.parent / "assets" / "splits"
 NAMED = {"covid-qu-ex": SPLITS_DIR / "covid-qu-ex.json"}
 PARTS = ("train", "val", "test")
 
@@ -70,6 +71,22 @@ def select(items, names, source="the split file") -> list:
     if not kept and names:
         raise DataError(f"none of the images in {source} are in this data folder: check DATA")
     return kept
+
+
+def split_from_file(index: DataIndex, split_file, exclude=None) -> Split:
+    """The training and validation items named by a split file's train and val lists (train --split-file)."""
+    parts = read_split(split_file)
+    path = resolve_split_path(split_file)
+    for p in ("train", "val"):
+        if p not in parts:
+            raise ConfigError(f"--split-file {path} has no {p} list: it needs train and val lists")
+    items = index.items("all")
+    names = set(exclude or ())
+    kept = [it for it in items if not name_matches(it, names)]
+    train, val = select(kept, parts["train"], str(path)), select(kept, parts["val"], str(path))
+    if not val:
+        raise ConfigError(f"none of the val images of {path} are in {index.root}: check DATA")
+    return Split(train, val, f"split file {path.name}", len(items) - len(kept))
 
 
 def build_fixed_split(index: DataIndex, exclude: set, seed: int = 0) -> dict:
