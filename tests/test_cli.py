@@ -215,6 +215,11 @@ def test_default_model_missing_is_a_clear_error(trained, tmp_path, monkeypatch):
     missing = tmp_path / "lung_unet.npz"  # stands in for an install without the shipped model
     monkeypatch.setattr(common, "DEFAULT_MODEL", missing)
     assert_one_line_error(run("evaluate", trained / "data", "--model", missing), "shipped model", "--model")
+    missing_lesions = tmp_path / "infection_unet.npz"
+    monkeypatch.setattr(common, "DEFAULT_INFECTION_MODEL", missing_lesions)
+    monkeypatch.setattr(common, "DEFAULT_MODEL", trained / "run" / "best.npz")
+    # --mask infection picks the shipped lesion model, not the lung model
+    assert_one_line_error(run("evaluate", trained / "data", "--mask", "infection"), "infection_unet.npz", "--model")
 
 
 def test_checkpoint_config_not_matching_flags(trained):

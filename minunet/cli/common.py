@@ -31,6 +31,11 @@ def config_option(*decls, **kw):
     return click.option(*decls, default=default, show_default=default is not None, **kw)
 
 
+def shipped_model(mask: str) -> Path:
+    """The shipped model for a mask kind: the lung model, or the lesion (infection) model."""
+    return DEFAULT_INFECTION_MODEL if mask.lower() == "infection" else DEFAULT_MODEL
+
+
 def load_model(path, backend_name="auto", base_channels=None, depth=None, option="--model"):
     """(model, checkpoint, backend note) from a checkpoint; checks explicit flags against its config."""
     from minunet.checkpoint import load_checkpoint

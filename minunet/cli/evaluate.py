@@ -6,7 +6,7 @@ import json
 
 import click
 
-from minunet.cli.common import BACKENDS, DEFAULT_MODEL, MASKS, TRAIN_DEFAULTS, Bar, config_option, load_model
+from minunet.cli.common import BACKENDS, MASKS, TRAIN_DEFAULTS, Bar, config_option, load_model, shipped_model
 from minunet.evaluation import THRESHOLD
 
 
@@ -64,8 +64,8 @@ def filter_items(items, only, subset=None):
 
 @click.command("evaluate")
 @click.argument("data", type=click.Path(path_type=str))
-@click.option("--model", "model_path", type=click.Path(path_type=str), default=str(DEFAULT_MODEL),
-              show_default="the shipped lung model", help="Checkpoint (.npz) written by 'minunet train'.")
+@click.option("--model", "model_path", type=click.Path(path_type=str), default=None,
+              show_default="the shipped model of --mask", help="Checkpoint (.npz) written by 'minunet train'.")
 @config_option("--mask", type=MASKS)
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
               help="[default: test if it has masks, else val, else all]")
@@ -111,7 +111,7 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
         split += f" (only the {label})"
     elif subset:
         raise CliError("--subset chooses a list of the --only split file: give --only too")
-    model, ck, note = load_model(model_path, backend.lower(), base_channels, depth)
+    model, ck, note = load_model(model_path or shipped_model(mask), backend.lower(), base_channels, depth)
     size = size or int(ck.meta.get("train_config", {}).get("size", TRAIN_DEFAULTS["size"]))
     check_size(size, model.depth)
     bar = Bar()
