@@ -62,13 +62,14 @@ def check_twin(base=8, depth=3, batch=2, size=64):
     copy_weights(model, tm)
     logits, tlogits = be.to_host(model.forward(be.asarray(x))), tm(torch.as_tensor(x, device="cuda"))
     loss, tloss = float(minunet_stepper(model, x, y)()), float(torch_stepper(tm, x, y)())
-    tp = {n: p for n, p in tm.named_parameters()}
+    tp = dict(tm.named_parameters())
+
+    def worst(mine, theirs):  # the largest error over the parameter tensors
+        return max(rel_err(be.to_host(mine[n]), theirs(tp[torch_name(n)]).cpu().numpy()) for n in model.params)
+
     errs = {"loss": rel_err(loss, tloss), "logits": rel_err(logits, tlogits.detach().cpu().numpy()),
-            "grads (worst)": max(rel_err(be.to_host(model.grads[n]), tp[torch_name(n)].grad.cpu().numpy())
-                                 for n in model.params),
-            "params after Adam (worst)": max(rel_err(be.to_host(model.params[n]),
-                                                     tp[torch_name(n)].detach().cpu().numpy())
-                                             for n in model.params)}
+            "grads (worst)": worst(model.grads, lambda t: t.grad),
+            "params after Adam (worst)": worst(model.params, lambda t: t.detach())}
     ok = errs["loss"] < 1e-5 and errs["logits"] < 1e-4 and errs["grads (worst)"] < 1e-3 and \
         errs["params after Adam (worst)"] < 1e-3
     return ok, errs

@@ -107,12 +107,12 @@ def unet_ops(base=16, depth=4, batch=8, size=256, in_channels=1):
 
 
 def _label(case, d):
-    """conv2d 3x3 +relu 16->32 @128, concat/split 16+16 @256, adam 1,940,817 params, ..."""
+    """conv2d 3x3 +relu 16->32 @128, upconv2x2 32->16 @64->128, adam 1,940,817 params, ..."""
     if "size" in d:
         return f"{case.name} {d['size']:,} params"
     chans = (f" {d['cin']}->{d['cout']}" if "cin" in d else f" {d['ca']}+{d['cb']}" if "ca" in d
              else f" {d['c']}" if "c" in d else "")
-    return f"{case.name}{chans} @{d['h']}"
+    return f"{case.name}{chans} @{d['h']}" + (f"->{2 * d['h']}" if case is UPCONV else "")
 
 
 def _validate(be, ref, case, dims, rng):
@@ -125,7 +125,7 @@ def _validate(be, ref, case, dims, rng):
 
 
 def _time(be, case, dims, rng, repeats, budget_s):
-    """Forward and backward ms of case at its full shape (inputs already on be)."""
+    """Forward and backward ms of case at its full shape (the inputs reach be before the clock starts)."""
     inputs, upstream = (case.to_backend(be, a) for a in case.make(rng, np.float32, **dims))
     _, c = case.forward(be, inputs)
     sync = synchronizer(be)

@@ -24,9 +24,9 @@ them without the conversions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
@@ -83,8 +83,10 @@ class OpCase:
     def to_host(self, be, arrays):
         """be's arrays -> NCHW numpy arrays; a Python float becomes a 0-d array, None stays None."""
         def move(k, v):
-            if v is None or isinstance(v, float):
-                return v if v is None else np.asarray(v)
+            if v is None:  # conv's dx when need_dx is False
+                return None
+            if isinstance(v, float):  # the loss
+                return np.asarray(v)
             return np.asarray(be.to_host(be.to_nchw(v) if k in self.activations else v))
 
         return {k: move(k, v) for k, v in arrays.items()}
@@ -93,10 +95,10 @@ class OpCase:
         """Forward (and, given upstream gradients, backward) from and to NCHW host arrays:
         returns (outputs, grads); grads is {} without upstream or backward."""
         x = self.to_backend(be, inputs)
-        out, cache_ = self.forward(be, x)
+        out, cache = self.forward(be, x)
         grads = {}
         if upstream is not None and self.backward is not None:
-            grads = self.to_host(be, self.backward(be, cache_, self.to_backend(be, upstream)))
+            grads = self.to_host(be, self.backward(be, cache, self.to_backend(be, upstream)))
         return self.to_host(be, out), grads
 
 
@@ -107,7 +109,7 @@ def _normal(rng, dtype, *shape, scale=1.0):
 _ACT = frozenset({"x", "y"})
 
 
-@cache
+@functools.cache  # one case object per option set: the benchmark counts ops by case
 def conv2d(k=3, relu=False, need_dx=True):
     """3x3 (pad 1) or 1x1 convolution, optionally with the fused ReLU; dims n, cin, cout, h, w."""
 
