@@ -1,18 +1,20 @@
 """Benchmarks, in the style of llm.c's ``dev/cuda``: validate each kernel against the reference, then time it.
 
-``op_table`` takes every distinct op of the U-Net at its real shapes (default:
-base 16, depth 4, batch 8, 1x256x256), checks the backend's forward and
-backward against the NumPy reference (float32, on a cropped copy of the
-shape: batch <= 2, H and W <= 64, so the reference stays quick), then times
-forward and backward (warm-up, median of repeats) and reports ms and GFLOP/s.
-``train_step`` times the whole training step (forward, fused sigmoid+BCE,
-backward, Adam) in images/s and reports the process's peak memory; when
-PyTorch is importable, ``torch_step`` times the same network and step in
-PyTorch (channels_last, same thread count) and the steps are interleaved so
-both see the same machine load. PyTorch is never a dependency.
+``op_table`` takes every distinct op of the U-Net step at its real shapes
+(default: base 16, depth 4, batch 8, 1x256x256; the cases of ``opcases.py``),
+checks the backend's forward and backward against the NumPy reference
+(float32, on a cropped copy of the shape: batch <= 2, H and W <= 64, so the
+reference stays quick), then times forward and backward and reports ms and
+GFLOP/s. ``train_step`` times the whole training step (forward, fused
+sigmoid+BCE, backward, Adam) in images/s and reports the process's peak
+memory; when PyTorch is importable it also times the same network and step in
+PyTorch (channels_last, same thread count), the two interleaved so both see
+the same machine load. PyTorch is never a dependency.
 
-Nothing here prints: results are dicts; ``progress(message)`` is called
-between measurements when given (the CLI passes one).
+The timer (``median_ms``), the steppers (``minunet_stepper`` here,
+``torch_twin.torch_stepper``) and ``op_table`` are shared with
+``benchmarks/gpu_bench.py``. Nothing here prints: results are dicts;
+``progress(message)`` is called between measurements when given.
 """
 
 from __future__ import annotations
@@ -27,223 +29,183 @@ import numpy as np
 from minunet.kernels import get_backend
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
+from minunet.opcases import ADAM, CONCAT, MAXPOOL, SIGMOID_BCE, UPCONV, conv2d, rel_err
+from minunet.optim import Adam
 
 FLOAT32_RTOL = 1e-4
+CROP = {"n": 2, "h": 64, "w": 64, "size": 4096}  # validation shape: the real one, cut down to these
 
 
-def _sync(be):
-    """Wait for queued device work (cupy); nothing on the CPU."""
-    xp = be.xp
-    if xp is not np and hasattr(xp, "cuda"):
-        xp.cuda.Stream.null.synchronize()
+def synchronizer(be):
+    """The backend's ``synchronize`` (optional in the interface: CPU backends finish
+    every op before returning, so theirs is nothing)."""
+    return getattr(be, "synchronize", None)
 
 
-def _median_ms(fn, be, repeats, warmup=1):
+def median_ms(fn, sync=None, repeats=5, warmup=1, budget_s=None):
+    """Median wall time of ``fn()`` in ms over ``repeats`` calls after ``warmup`` calls,
+    and how many calls were timed.
+
+    ``sync()`` (a backend's or PyTorch's synchronize) runs after every call, so
+    work a device queued counts towards the call that queued it. With
+    ``budget_s``, timing stops once that many seconds are spent (after at least
+    3 calls)."""
     for _ in range(warmup):
         fn()
-    _sync(be)
+    if sync:
+        sync()
     times = []
+    t_start = time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(be)
+        if sync:
+            sync()
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def _rel_err(actual, expected):
-    """max |a - e| / max(max |e|, 1e-30): the error relative to the tensor's scale."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+        if budget_s is not None and time.perf_counter() - t_start > budget_s and len(times) >= 3:
+            break
+    return 1e3 * statistics.median(times), len(times)
 
 
 def unet_ops(base=16, depth=4, batch=8, size=256, in_channels=1):
-    """The distinct ops of one U-Net training step, with how often each occurs.
+    """The distinct ops of one U-Net training step: a list of (case, dims, count).
 
-    Returns a list of dicts: kind (conv, pool, upconv, concat, loss), the
-    logical NCHW shape parameters, and ``count``."""
+    ``count`` is how often the op runs in the step. Adam is one case over all
+    parameters as one flat tensor (the trainer runs it tensor by tensor)."""
     widths = [base * 2**i for i in range(depth + 1)]
     ops = {}
+    n_params = 0
 
-    def add(key, **spec):
-        if key in ops:
-            ops[key]["count"] += 1
-        else:
-            ops[key] = dict(spec, count=1)
+    def add(case, **dims):
+        key = (case, tuple(dims.items()))
+        ops[key] = ops.get(key, 0) + 1
 
     def conv(cin, cout, h, k=3, relu=True, need_dx=True):
-        key = ("conv", cin, cout, h, k, relu, need_dx)
-        add(key, kind="conv", cin=cin, cout=cout, h=h, k=k, relu=relu, need_dx=need_dx)
+        nonlocal n_params
+        n_params += cout * cin * k * k + cout
+        add(conv2d(k, relu, need_dx), n=batch, cin=cin, cout=cout, h=h, w=h)
 
     cin, h = in_channels, size
     for i in range(depth):
-        conv(cin, widths[i], h, need_dx=i > 0)
+        conv(cin, widths[i], h, need_dx=i > 0)  # the first conv needs no gradient for the image
         conv(widths[i], widths[i], h)
-        add(("pool", widths[i], h), kind="pool", c=widths[i], h=h)
+        add(MAXPOOL, n=batch, c=widths[i], h=h, w=h)
         cin, h = widths[i], h // 2
     conv(widths[depth - 1], widths[depth], h)
     conv(widths[depth], widths[depth], h)
     for i in reversed(range(depth)):
+        add(UPCONV, n=batch, cin=widths[i + 1], cout=widths[i], h=h, w=h)
+        n_params += widths[i + 1] * widths[i] * 4 + widths[i]
         h *= 2
-        add(("upconv", widths[i + 1], widths[i], h // 2), kind="upconv", cin=widths[i + 1], cout=widths[i], h=h // 2)
-        add(("concat", widths[i], h), kind="concat", c=widths[i], h=h)
+        add(CONCAT, n=batch, ca=widths[i], cb=widths[i], h=h, w=h)
         conv(2 * widths[i], widths[i], h)
         conv(widths[i], widths[i], h)
     conv(base, 1, size, k=1, relu=False)
-    add(("loss", size), kind="loss", h=size)
-    out = list(ops.values())
-    for op in out:
-        op["n"] = batch
+    add(SIGMOID_BCE, n=batch, h=size, w=size)
+    add(ADAM, size=n_params)
+    return [(case, dict(dims), count) for (case, dims), count in ops.items()]
+
+
+def _label(case, d):
+    """conv2d 3x3 +relu 16->32 @128, upconv2x2 32->16 @64->128, adam 1,940,817 params, ..."""
+    if "size" in d:
+        return f"{case.name} {d['size']:,} params"
+    chans = (f" {d['cin']}->{d['cout']}" if "cin" in d else f" {d['ca']}+{d['cb']}" if "ca" in d
+             else f" {d['c']}" if "c" in d else "")
+    return f"{case.name}{chans} @{d['h']}" + (f"->{2 * d['h']}" if case is UPCONV else "")
+
+
+def _validate(be, ref, case, dims, rng):
+    """Max relative error of every output and gradient of be vs ref, on ``dims`` cropped to CROP."""
+    small = {k: min(v, CROP.get(k, v)) for k, v in dims.items()}
+    inputs, upstream = case.make(rng, np.float32, **small)
+    got, want = case.run(be, inputs, upstream), case.run(ref, inputs, upstream)
+    errs = [rel_err(g[k], w[k]) for g, w in zip(got, want, strict=True) for k in w if w[k] is not None]
+    return dict(max_rel_err=max(errs), validated_on=small)
+
+
+def _time(be, case, dims, rng, repeats, budget_s):
+    """Forward and backward ms of case at its full shape (the inputs reach be before the clock starts)."""
+    inputs, upstream = (case.to_backend(be, a) for a in case.make(rng, np.float32, **dims))
+    _, c = case.forward(be, inputs)
+    sync = synchronizer(be)
+    out = dict(fwd_ms=median_ms(lambda: case.forward(be, inputs), sync, repeats, budget_s=budget_s)[0], bwd_ms=None)
+    if case.backward:
+        out["bwd_ms"] = median_ms(lambda: case.backward(be, c, upstream), sync, repeats, budget_s=budget_s)[0]
+    ff, fb = case.flops(**dims) if case.flops else (None, None)
+    out["fwd_gflops"] = ff / out["fwd_ms"] / 1e6 if ff else None
+    out["bwd_gflops"] = fb / out["bwd_ms"] / 1e6 if fb else None
     return out
 
 
-def _label(op):
-    k = op["kind"]
-    if k == "conv":
-        name = f"conv{op['k']}x{op['k']} {op['cin']}->{op['cout']} @{op['h']}"
-        return name + (" +relu" if op["relu"] else "") + ("" if op["need_dx"] else " (no dx)")
-    if k == "pool":
-        return f"maxpool2x2 {op['c']} @{op['h']}"
-    if k == "upconv":
-        return f"upconv2x2 {op['cin']}->{op['cout']} @{op['h']}->{2 * op['h']}"
-    if k == "concat":
-        return f"concat/split {op['c']}+{op['c']} @{op['h']}"
-    return f"sigmoid+BCE 1 @{op['h']}"
-
-
-def _flops(op):
-    """(forward, backward) floating-point operations (multiply-add = 2), or (None, None)."""
-    n, h = op["n"], op["h"]
-    if op["kind"] == "conv":
-        f = 2 * n * h * h * op["cin"] * op["cout"] * op["k"] ** 2
-        return f, f * (2 if op["need_dx"] else 1)
-    if op["kind"] == "upconv":
-        f = 2 * n * h * h * op["cin"] * op["cout"] * 4
-        return f, 2 * f
-    return None, None
-
-
-def _make_inputs(op, n, h, rng, dtype):
-    """Random NCHW inputs and parameters for one op at batch n and size h x h."""
-    k = op["kind"]
-    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
-    if k == "conv":
-        return dict(x=r(n, op["cin"], h, h), w=r(op["cout"], op["cin"], op["k"], op["k"]) * 0.1, b=r(op["cout"]),
-                    dy=r(n, op["cout"], h, h))
-    if k == "pool":
-        return dict(x=r(n, op["c"], h, h), dy=r(n, op["c"], h // 2, h // 2))
-    if k == "upconv":
-        return dict(x=r(n, op["cin"], h, h), w=r(op["cin"], op["cout"], 2, 2) * 0.1, b=r(op["cout"]),
-                    dy=r(n, op["cout"], 2 * h, 2 * h))
-    if k == "concat":
-        return dict(a=r(n, op["c"], h, h), b=r(n, op["c"], h, h), d=r(n, 2 * op["c"], h, h))
-    return dict(z=r(n, 1, h, h) * 3, y=(rng.random((n, 1, h, h)) > 0.5).astype(dtype))
-
-
-def _op_fns(be, op, inp):
-    """(forward(), backward(), outputs()) closures for one op on backend be, inputs already in be's layout.
-
-    outputs() runs forward then backward once and returns NCHW host arrays, for validation."""
-    k = op["kind"]
-    host = lambda a: np.asarray(be.to_host(be.to_nchw(a)))  # noqa: E731
-    param = lambda a: np.asarray(be.to_host(a))  # noqa: E731
-    state = {}
-    if k == "conv":
-        def fwd():
-            state["y"], state["c"] = be.conv2d_forward(inp["x"], inp["w"], inp["b"], relu=op["relu"])
-
-        def bwd():
-            return be.conv2d_backward(inp["dy"], state["c"], need_dx=op["need_dx"])
-
-        def outs():
-            fwd()
-            dx, dw, db = bwd()
-            return [host(state["y"])] + ([host(dx)] if dx is not None else []) + [param(dw), param(db)]
-    elif k == "pool":
-        def fwd():
-            state["y"], state["c"] = be.maxpool2x2_forward(inp["x"])
-
-        def bwd():
-            return be.maxpool2x2_backward(inp["dy"], state["c"])
-
-        def outs():
-            fwd()
-            return [host(state["y"]), host(bwd())]
-    elif k == "upconv":
-        def fwd():
-            state["y"], state["c"] = be.upconv2x2_forward(inp["x"], inp["w"], inp["b"])
-
-        def bwd():
-            return be.upconv2x2_backward(inp["dy"], state["c"])
-
-        def outs():
-            fwd()
-            dx, dw, db = bwd()
-            return [host(state["y"]), host(dx), param(dw), param(db)]
-    elif k == "concat":
-        c = op["c"]
-
-        def fwd():
-            state["y"] = be.concat_channels(inp["a"], inp["b"])
-
-        def bwd():
-            return be.split_channels(inp["d"], c)
-
-        def outs():
-            fwd()
-            da, db = bwd()
-            return [host(state["y"]), host(da), host(db)]
-    else:
-        def fwd():
-            state["s"] = be.sigmoid(inp["z"])
-
-        def bwd():
-            return be.sigmoid_bce(inp["z"], inp["y"])
-
-        def outs():
-            fwd()
-            loss, dz = bwd()
-            return [param(state["s"]), np.array([loss]), param(dz)]
-    return fwd, bwd, outs
-
-
-def _to_backend(be, op, inp):
-    """Move NCHW host inputs into be: activations through from_nchw, the rest through asarray."""
-    acts = {"x", "dy", "a", "b", "d"} if op["kind"] != "loss" else set()
-    if op["kind"] in ("conv", "upconv"):
-        acts = {"x", "dy"}
-    return {key: (be.from_nchw(be.asarray(v)) if key in acts else be.asarray(v)) for key, v in inp.items()}
-
-
-def op_table(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, progress=None, seed=0):
-    """Validate then time every distinct op of the U-Net step (float32). Returns a list of row dicts."""
+def op_table(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, progress=None, seed=0,
+             budget_s=None):
+    """Validate then time every distinct op of the U-Net step (float32). Returns a list of row dicts:
+    op, count, max_rel_err, ok, validated_on, fwd_ms, bwd_ms, fwd_gflops, bwd_gflops (and error)."""
     be = get_backend(backend, "float32") if isinstance(backend, str) else backend
     ref = NumpyBackend("float32")
     rng = np.random.default_rng(seed)
     rows = []
-    for op in unet_ops(base, depth, batch, size):
-        label = _label(op)
+    for case, dims, count in unet_ops(base, depth, batch, size):
+        row = dict(op=_label(case, dims), count=count)
         if progress:
-            progress(f"op {label}")
-        # 1. validate on a cropped shape against the reference
-        n_val = min(batch, 2)
-        h_val = min(op["h"], 64)
-        small = _make_inputs(op, n_val, h_val, rng, np.float32)
-        got = _op_fns(be, op, _to_backend(be, op, small))[2]()
-        want = _op_fns(ref, op, small)[2]()
-        err = max(_rel_err(a, b) for a, b in zip(got, want, strict=True))
-        # 2. time at the real shape
-        inp = _to_backend(be, op, _make_inputs(op, op["n"], op["h"], rng, np.float32))
-        fwd, bwd, _ = _op_fns(be, op, inp)
-        fwd_ms = _median_ms(fwd, be, repeats)
-        bwd_ms = _median_ms(bwd, be, repeats)
-        ff, fb = _flops(op)
-        rows.append(dict(
-            op=label, count=op["count"], fwd_ms=fwd_ms, bwd_ms=bwd_ms,
-            fwd_gflops=ff / fwd_ms / 1e6 if ff else None, bwd_gflops=fb / bwd_ms / 1e6 if fb else None,
-            max_rel_err=err, ok=err <= FLOAT32_RTOL, validated_on=f"{n_val}x{h_val}x{h_val}",
-        ))
+            progress(f"op {row['op']}")
+        try:
+            row.update(_validate(be, ref, case, dims, rng))
+            row["ok"] = row["max_rel_err"] <= FLOAT32_RTOL
+            row.update(_time(be, case, dims, rng, repeats, budget_s))
+        except Exception as exc:  # report and go on: one broken op must not hide the rest
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
     return rows
+
+
+def format_op_table(rows):
+    """The op table as text: op | count | fwd ms | GF/s | bwd ms | GF/s | rel err | ok, and the step's sum."""
+    def f(v, spec):
+        return format(v, spec) if v is not None else "-"
+
+    lines = [f"{'op':<36} {'x':>2} {'fwd ms':>8} {'GF/s':>6} {'bwd ms':>8} {'GF/s':>6} {'rel err':>8}  ok"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['op']:<36} {r['count']:>2} NOT OK  {r['error']}")
+            continue
+        lines.append(f"{r['op']:<36} {r['count']:>2} {r['fwd_ms']:>8.2f} {f(r['fwd_gflops'], '6.1f'):>6} "
+                     f"{f(r['bwd_ms'], '8.2f'):>8} {f(r['bwd_gflops'], '6.1f'):>6} {r['max_rel_err']:>8.1e}  "
+                     f"{'OK' if r['ok'] else 'NOT OK'}")
+    lines.append(f"{'sum over the step (count x (fwd + bwd))':<47} {step_sum_ms(rows):>10.1f} ms")
+    return "\n".join(lines)
+
+
+def step_sum_ms(rows):
+    """The op table's time for one step: each op's forward + backward times how often it runs."""
+    return sum(r["count"] * (r["fwd_ms"] + (r["bwd_ms"] or 0)) for r in rows if "error" not in r)
+
+
+def random_batch(batch, size, seed=0):
+    """A float32 batch of images (N,1,size,size) in [0, 1) and binary masks."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch, 1, size, size)).astype(np.float32)
+    return x, (rng.random(x.shape) > 0.5).astype(np.float32)
+
+
+def minunet_stepper(model, x, y, lr=1e-3):
+    """step() -> loss: one training step of ``model`` on the batch (x, y): zero_grad,
+    forward, fused sigmoid+BCE, backward, Adam. A backend with ``sigmoid_bce_device``
+    (cupy) keeps the loss on the device, so the step never waits for the GPU."""
+    be = model.backend
+    opt = Adam(model.params, model.grads, lr=lr, backend=be)
+    x, y = be.asarray(x), be.asarray(y)
+    loss_fn = getattr(be, "sigmoid_bce_device", be.sigmoid_bce)
+
+    def step():
+        model.zero_grad()
+        loss, dz = loss_fn(model.forward(x), y)
+        model.backward(dz)
+        opt.step()
+        return loss
+
+    return step
 
 
 def _peak_rss_mb():
@@ -252,51 +214,18 @@ def _peak_rss_mb():
     return rss / 1024 if os.uname().sysname == "Linux" else rss / 2**20
 
 
-def _minunet_stepper(be, base, depth, batch, size, seed=0):
-    from minunet.optim import Adam
-
-    rng = np.random.default_rng(seed)
-    model = UNet(1, base, depth, backend=be, dtype="float32", seed=seed)
-    opt = Adam(model.params, model.grads, lr=1e-3, backend=be)
-    x = be.asarray(rng.random((batch, 1, size, size)).astype(np.float32))
-    y = be.asarray((rng.random((batch, 1, size, size)) > 0.5).astype(np.float32))
-
-    def step():
-        model.zero_grad()
-        loss, dz = be.sigmoid_bce(model.forward(x), y)
-        model.backward(dz)
-        opt.step()
-        return loss
-
-    return step
-
-
-def _torch_stepper(base, depth, batch, size, threads, seed=0):
-    """The same U-Net and step in PyTorch (channels_last), or None when torch is not importable."""
+def _torch_cpu_stepper(base, depth, x, y, threads):
+    """The same U-Net and step in PyTorch on the CPU (channels_last, its fastest CPU layout),
+    as (step, version), or None when torch is not importable."""
     try:
         import torch
-        from torch import nn
     except ImportError:
         return None
+    from minunet.torch_twin import torch_stepper, torch_twin
+
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-
-    from minunet.torch_twin import torch_twin
-
-    model = torch_twin(1, base, depth).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.BCEWithLogitsLoss()
-    x = torch.rand(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, 1, size, size) > 0.5).float()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    return step, torch.__version__
+    torch.manual_seed(0)
+    return torch_stepper(torch_twin(1, base, depth), x, y, channels_last=True), torch.__version__
 
 
 def train_step(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, torch_compare=True, progress=None):
@@ -309,39 +238,33 @@ def train_step(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, 
     (minunet / PyTorch time). The two are interleaved step by step so a
     change in machine load hits both alike."""
     be = get_backend(backend, "float32") if isinstance(backend, str) else backend
+    sync = synchronizer(be)
     rss0 = _peak_rss_mb()
     t_start = time.perf_counter()
-    step = _minunet_stepper(be, base, depth, batch, size)
+    x, y = random_batch(batch, size)
+    step = minunet_stepper(UNet(1, base, depth, backend=be, dtype="float32", seed=0), x, y)
     if progress:
         progress("minunet step: warm-up")
     step()
-    _sync(be)
+    if sync:
+        sync()
     first_step_s = time.perf_counter() - t_start
-    step_ms = _median_ms(step, be, repeats, warmup=0)  # the first step above was the warm-up
-    peak = _peak_rss_mb()
+    step_ms, _ = median_ms(step, sync, repeats, warmup=0)  # the first step above was the warm-up
     out = dict(backend=be.name, batch=batch, size=size, base=base, depth=depth, repeats=repeats,
-               step_ms=step_ms, peak_rss_mb=peak, rss_before_mb=rss0,
-               first_step_s=first_step_s)
-    out["images_per_s"] = batch / (out["step_ms"] / 1e3)
-    if torch_compare:
-        threads = int(os.environ.get("NUMBA_NUM_THREADS", 0)) or os.cpu_count() or 1
-        made = _torch_stepper(base, depth, batch, size, threads)
-        if made is not None:
-            tstep, version = made
-            if progress:
-                progress(f"PyTorch {version} step: warm-up, then interleaved with minunet")
-            tstep()
-            theirs, ours2 = [], []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                tstep()
-                theirs.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                step()
-                _sync(be)
-                ours2.append(time.perf_counter() - t0)
-            out.update(torch_version=version, torch_threads=threads,
-                       torch_step_ms=1e3 * statistics.median(theirs),
-                       interleaved_step_ms=1e3 * statistics.median(ours2))
-            out["ratio"] = out["interleaved_step_ms"] / out["torch_step_ms"]
+               step_ms=step_ms, images_per_s=batch / (step_ms / 1e3), peak_rss_mb=_peak_rss_mb(),
+               rss_before_mb=rss0, first_step_s=first_step_s)
+    threads = int(os.environ.get("NUMBA_NUM_THREADS", 0)) or os.cpu_count() or 1
+    made = _torch_cpu_stepper(base, depth, x, y, threads) if torch_compare else None
+    if made is not None:
+        tstep, version = made
+        if progress:
+            progress(f"PyTorch {version} step: warm-up, then interleaved with minunet")
+        tstep()
+        theirs, ours = [], []
+        for _ in range(repeats):
+            theirs.append(median_ms(tstep, repeats=1, warmup=0)[0])
+            ours.append(median_ms(step, sync, repeats=1, warmup=0)[0])
+        out.update(torch_version=version, torch_threads=threads, torch_step_ms=statistics.median(theirs),
+                   interleaved_step_ms=statistics.median(ours))
+        out["ratio"] = out["interleaved_step_ms"] / out["torch_step_ms"]
     return out

@@ -4,7 +4,8 @@ Two checks, both with central differences  f'(x) ~ (f(x+h) - f(x-h)) / 2h:
 
 - ``check_ops``: each op's backward is a vector-Jacobian product. With a random
   upstream gradient dy, the scalar L(x) = <f(x), dy> has gradient backward(dy),
-  so every input element's derivative of L is compared (small shapes).
+  so every input element's derivative of L is compared (the cases of
+  ``opcases.py`` at small shapes; ``check_case`` runs one case at any shape).
 - ``check_network``: the whole U-Net with BCE loss. For each parameter tensor
   p, a random direction d ~ N(0, I) gives the directional derivative
   a = <grad_p L, d>, compared with n = (L(p + h d) - L(p - h d)) / 2h. One
@@ -12,8 +13,8 @@ Two checks, both with central differences  f'(x) ~ (f(x+h) - f(x-h)) / 2h:
   relative error is |a - n| / max(|a|, |n|, ||grad_p L||), since ||grad_p L||
   is the typical size of a random directional derivative.
 
-For ops, the relative error is |a - n| / max(|a|, |n|) taken over the whole
-tensor (infinity norms), so tiny gradient entries cannot blow it up. Max-pool and
+For ops, the relative error is ``opcases.rel_err``: |a - n| / max(|a|, |n|) over
+the whole tensor (infinity norms), so tiny gradient entries cannot blow it up. Max-pool and
 ReLU have kinks: a perturbation that flips an argmax or a sign is a true
 non-smoothness, not a bug. Random inputs keep the values distinct, and the
 network check uses a small step (h = 1e-7): a deep stack of ReLUs and pools
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minunet.opcases import CONCAT, MAXPOOL, RELU, SIGMOID_BCE, UPCONV, conv2d, rel_err
+
 
 @dataclass
 class CheckRow:
@@ -38,13 +41,6 @@ class CheckRow:
     @property
     def ok(self) -> bool:
         return bool(self.max_rel_err < self.tol)
-
-
-def _rel(a, n):
-    a, n = np.asarray(a, np.float64), np.asarray(n, np.float64)
-    scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(n))))
-    abs_err = float(np.max(np.abs(a - n)))
-    return abs_err, (abs_err / scale if scale > 0 else abs_err)
 
 
 def numeric_gradient(f, x, h=1e-6):
@@ -62,81 +58,40 @@ def numeric_gradient(f, x, h=1e-6):
     return grad
 
 
-def _op_cases(backend, rng):
-    """Yield (op name, inputs dict, forward(inputs) -> out, backward(inputs, dy) -> grads dict)."""
-    be = backend
-    to_be, to_np = be.from_nchw, lambda a: np.asarray(be.to_host(be.to_nchw(a)), np.float64)
-    par = lambda a: be.asarray(a, np.float64)  # noqa: E731
-    host = lambda a: np.asarray(be.to_host(a), np.float64)  # noqa: E731
+# (case, dims): small non-square shapes with N >= 2 and C >= 2
+OP_CHECKS = [
+    (conv2d(3), dict(n=2, cin=3, cout=4, h=5, w=6)),
+    (conv2d(3, relu=True), dict(n=2, cin=3, cout=4, h=5, w=6)),
+    (conv2d(1), dict(n=2, cin=3, cout=4, h=5, w=6)),
+    (RELU, dict(n=2, c=3, h=4, w=5)),
+    (MAXPOOL, dict(n=2, c=3, h=4, w=6)),
+    (UPCONV, dict(n=2, cin=3, cout=2, h=3, w=4)),
+    (CONCAT, dict(n=2, ca=2, cb=3, h=3, w=4)),
+    (SIGMOID_BCE, dict(n=2, h=3, w=5)),
+]
 
-    def conv_case(k, relu):
-        inputs = {
-            "x": rng.standard_normal((2, 3, 5, 6)),
-            "w": rng.standard_normal((4, 3, k, k)),
-            "b": rng.standard_normal(4),
-        }
 
-        def fwd(i):
-            return to_np(be.conv2d_forward(to_be(i["x"]), par(i["w"]), par(i["b"]), relu=relu)[0])
+def check_case(backend, case, inputs, upstream, h=1e-6, tol=1e-6):
+    """One case's backward against central differences of <forward(inputs), upstream>. Returns CheckRows."""
+    analytic = case.run(backend, inputs, upstream)[1]
 
-        def bwd(i, dy):
-            _, cache = be.conv2d_forward(to_be(i["x"]), par(i["w"]), par(i["b"]), relu=relu)
-            dx, dw, db = be.conv2d_backward(to_be(dy), cache)
-            return {"x": to_np(dx), "w": host(dw), "b": host(db)}
+    def loss():
+        out = case.run(backend, inputs)[0]
+        return sum(float(np.sum(out[k] * upstream[k])) for k in upstream)
 
-        return fwd, bwd, inputs
-
-    for k, relu in ((3, False), (3, True), (1, False)):
-        fwd, bwd, inputs = conv_case(k, relu)
-        yield f"conv2d {k}x{k}" + (" +relu" if relu else ""), inputs, fwd, bwd
-
-    yield (
-        "relu",
-        {"x": rng.standard_normal((2, 3, 4, 5))},
-        lambda i: to_np(be.relu_forward(to_be(i["x"]))[0]),
-        lambda i, dy: {"x": to_np(be.relu_backward(to_be(dy), be.relu_forward(to_be(i["x"]))[1]))},
-    )
-    yield (
-        "maxpool2x2",
-        {"x": rng.standard_normal((2, 3, 4, 6))},
-        lambda i: to_np(be.maxpool2x2_forward(to_be(i["x"]))[0]),
-        lambda i, dy: {"x": to_np(be.maxpool2x2_backward(to_be(dy), be.maxpool2x2_forward(to_be(i["x"]))[1]))},
-    )
-
-    def up_bwd(i, dy):
-        _, cache = be.upconv2x2_forward(to_be(i["x"]), par(i["w"]), par(i["b"]))
-        dx, dw, db = be.upconv2x2_backward(to_be(dy), cache)
-        return {"x": to_np(dx), "w": host(dw), "b": host(db)}
-
-    yield (
-        "upconv2x2",
-        {"x": rng.standard_normal((2, 3, 3, 4)), "w": rng.standard_normal((3, 2, 2, 2)), "b": rng.standard_normal(2)},
-        lambda i: to_np(be.upconv2x2_forward(to_be(i["x"]), par(i["w"]), par(i["b"]))[0]),
-        up_bwd,
-    )
-
-    target = be.asarray((rng.random((2, 1, 3, 5)) > 0.5).astype(np.float64), np.float64)
-    bce = lambda i: be.sigmoid_bce(be.asarray(i["z"], np.float64), target)  # noqa: E731
-    yield (
-        "sigmoid+bce",
-        {"z": 3 * rng.standard_normal((2, 1, 3, 5))},
-        lambda i: np.array(bce(i)[0]),
-        lambda i, dy: {"z": float(dy) * host(bce(i)[1])},
-    )
+    rows = []
+    for arg, grad in analytic.items():
+        numeric = numeric_gradient(loss, inputs[arg], h)
+        rows.append(CheckRow(f"{case.name} d{arg}", float(np.max(np.abs(grad - numeric))), rel_err(grad, numeric), tol))
+    return rows
 
 
 def check_ops(backend, seed=0, h=1e-6, tol=1e-6):
     """Check every op's backward against central differences. Returns a list of CheckRow."""
     rng = np.random.default_rng(seed)
     rows = []
-    for name, inputs, fwd, bwd in _op_cases(backend, rng):
-        out = fwd(inputs)
-        dy = rng.standard_normal(out.shape)
-        analytic = bwd(inputs, dy)
-        for arg, x in inputs.items():
-            numeric = numeric_gradient(lambda: float(np.sum(fwd(inputs) * dy)), x, h)  # noqa: B023 (called here)
-            abs_err, rel_err = _rel(analytic[arg], numeric)
-            rows.append(CheckRow(f"{name} d{arg}", abs_err, rel_err, tol))
+    for case, dims in OP_CHECKS:
+        rows += check_case(backend, case, *case.make(rng, np.float64, **dims), h=h, tol=tol)
     return rows
 
 
@@ -184,13 +139,11 @@ def check_network(model, x, y, seed=0, h=1e-7, tol=1e-6):
         lm = be.sigmoid_bce(model.forward(x), y)[0]
         p[...] = original
         numeric = (lp - lm) / (2 * h)
-        # Scale: |<g, d>| for d ~ N(0, I) is typically ||g||, so a tensor whose
+        # Floor: |<g, d>| for d ~ N(0, I) is typically ||g||, so a tensor whose
         # random directional derivative happens to be near zero is not judged
         # against that near-zero value.
-        abs_err = abs(analytic - numeric)
-        scale = max(abs(analytic), abs(numeric), float(np.linalg.norm(grads[name])))
-        rel_err = abs_err / scale if scale > 0 else abs_err
-        rows.append(CheckRow(name, abs_err, rel_err, tol))
+        floor = float(np.linalg.norm(grads[name])) or 1e-30
+        rows.append(CheckRow(name, abs(analytic - numeric), rel_err(analytic, numeric, floor), tol))
     return rows
 
 

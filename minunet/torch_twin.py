@@ -2,8 +2,9 @@
 
 PyTorch is never a dependency of minunet: this module imports torch inside its
 functions and is only used by ``minunet bench`` (when torch is importable) and
-``benchmarks/gpu_bench.py``. The twin has exactly the same layers, and
-``copy_weights`` gives it minunet's weights, parameter by parameter.
+``benchmarks/gpu_bench.py``. The twin has exactly the same layers,
+``copy_weights`` gives it minunet's weights, parameter by parameter, and
+``torch_stepper`` is the PyTorch side of ``bench.minunet_stepper``.
 """
 
 from __future__ import annotations
@@ -70,3 +71,27 @@ def copy_weights(model, tmodel):
             t = tparams[torch_name(n)]
             assert tuple(t.shape) == tuple(p.shape), (n, t.shape, p.shape)
             t.copy_(torch.as_tensor(model.backend.to_host(p), device=t.device))
+
+
+def torch_stepper(tmodel, x, y, lr=1e-3, channels_last=False):
+    """step() -> loss tensor: one PyTorch training step of ``tmodel`` on the batch (x, y),
+    numpy arrays moved once to the model's device: zero_grad, forward, BCE with logits,
+    backward, Adam. The gradients stay in ``.grad`` after the step."""
+    import torch
+    from torch.nn import functional as F
+
+    device = next(tmodel.parameters()).device
+    xt, yt = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
+    if channels_last:
+        tmodel = tmodel.to(memory_format=torch.channels_last)
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(tmodel.parameters(), lr=lr)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(tmodel(xt), yt)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step

@@ -1,7 +1,8 @@
 """Fast backends against the NumPy reference (the spec): every op, forward and backward.
 
-Each test runs the same random inputs through the backend under test and the
-reference, in float64 (to ~1e-10) and float32 (to ~1e-4, relative to the
+Each test runs one case of ``minunet.opcases`` with the same random inputs
+through the backend under test and the reference, in float64 (to 1e-10) and
+float32 (to 1e-4), as ``opcases.rel_err`` (relative to the larger tensor's
 largest value). Activations go in through ``from_nchw`` and come back through
 ``to_nchw``, so a backend's internal layout (NHWC for numba) is invisible here.
 The ``cupy`` parameter runs only where a CUDA device answers.
@@ -18,6 +19,7 @@ from minunet.kernels import get_backend
 from minunet.kernels.cupy import cuda_status
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
+from minunet.opcases import ADAM, CONCAT, MAXPOOL, RELU, SIGMOID, SIGMOID_BCE, UPCONV, conv2d, rel_err
 
 BACKENDS = [
     "numba",
@@ -44,25 +46,34 @@ def host(be, a):
     return np.asarray(be.to_host(a))
 
 
-def act_in(be, x):
-    return be.from_nchw(be.asarray(x))
-
-
-def act_out(be, a):
-    return host(be, be.to_nchw(a))
-
-
 def assert_close(actual, expected, dtype, what=""):
-    """|actual - expected| <= rtol * max(|expected|, 1) elementwise, rtol by dtype."""
+    """rel_err(actual, expected) <= rtol by dtype, shapes equal."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1.0)
-    err = float(np.max(np.abs(actual.astype(np.float64) - expected))) if expected.size else 0.0
-    assert err <= RTOL[dtype] * scale, f"{what}: max abs err {err:.3g} > {RTOL[dtype]:g} * {scale:.3g}"
+    err = rel_err(actual, expected)
+    assert err <= RTOL[dtype], f"{what}: relative error {err:.3g} > {RTOL[dtype]:g}"
 
 
-def rand(rng, shape, dtype, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
+def check_case(name, dtype, case, dims, seed, edit=None, exact=False):
+    """Run ``case`` on backend ``name`` and on the reference with the same inputs (drawn by
+    ``case.make``, then changed by ``edit(inputs, upstream, rng)``): every output and gradient
+    must agree (bit for bit when ``exact``). Returns the backend's (outputs, grads), inputs, upstream."""
+    rng = np.random.default_rng(seed)
+    inputs, upstream = case.make(rng, dtype, **dims)
+    if edit:
+        edit(inputs, upstream, rng)
+    got = case.run(backend(name, dtype), inputs, upstream)
+    want = case.run(NumpyBackend(dtype), inputs, upstream)
+    for g, w in zip(got, want, strict=True):
+        assert list(g) == list(w)
+        for k in w:
+            if w[k] is None:
+                assert g[k] is None, f"{case.name} {k}: expected None"
+            elif exact:
+                np.testing.assert_array_equal(g[k], w[k], err_msg=f"{case.name} {k}")
+            else:
+                assert_close(g[k], w[k], dtype, f"{case.name} {k}")
+    return got, inputs, upstream
 
 
 shapes = st.tuples(
@@ -89,23 +100,11 @@ def name(request):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
 def test_conv2d(name, dtype, k, relu, shape, seed):
     N, Cin, Cout, H, W = shape
-    rng = np.random.default_rng(seed)
-    be, ref = backend(name, dtype), NumpyBackend(dtype)
-    x, w, b = rand(rng, (N, Cin, H, W), dtype), rand(rng, (Cout, Cin, k, k), dtype), rand(rng, Cout, dtype)
-    y_ref, c_ref = ref.conv2d_forward(x, w, b, relu=relu)
-    y, c = be.conv2d_forward(act_in(be, x), be.asarray(w), be.asarray(b), relu=relu)
-    assert_close(act_out(be, y), y_ref, dtype, "y")
-
-    dy = rand(rng, y_ref.shape, dtype)
-    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
-    dx, dw, db = be.conv2d_backward(act_in(be, dy), c)
-    assert_close(act_out(be, dx), dx_ref, dtype, "dx")
-    assert_close(host(be, dw), dw_ref, dtype, "dw")
-    assert_close(host(be, db), db_ref, dtype, "db")
-
-    dx, dw2, _ = be.conv2d_backward(act_in(be, dy), c, need_dx=False)
-    assert dx is None
-    assert_close(host(be, dw2), dw_ref, dtype, "dw (need_dx=False)")
+    dims = dict(n=N, cin=Cin, cout=Cout, h=H, w=W)
+    (_, grads), _, _ = check_case(name, dtype, conv2d(k, relu), dims, seed)
+    (_, no_dx), _, _ = check_case(name, dtype, conv2d(k, relu, need_dx=False), dims, seed)
+    assert no_dx["x"] is None
+    assert_close(no_dx["w"], grads["w"], dtype, "dw (need_dx=False)")
 
 
 # -- ReLU ----------------------------------------------------------------------
@@ -116,31 +115,28 @@ def test_conv2d(name, dtype, k, relu, shape, seed):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
 def test_relu(name, dtype, shape, seed):
     N, C, _, H, W = shape
-    rng = np.random.default_rng(seed)
-    be, ref = backend(name, dtype), NumpyBackend(dtype)
-    x = rand(rng, (N, C, H, W), dtype)
-    x[0, 0, 0, 0] = 0.0  # the kink: gradient 0, as the reference
-    y_ref, c_ref = ref.relu_forward(x)
-    y, c = be.relu_forward(act_in(be, x))
-    assert_close(act_out(be, y), y_ref, dtype, "y")
-    dy = rand(rng, x.shape, dtype)
-    assert_close(act_out(be, be.relu_backward(act_in(be, dy), c)), ref.relu_backward(dy, c_ref), dtype, "dx")
+
+    def kink(inputs, upstream, rng):
+        inputs["x"][0, 0, 0, 0] = 0.0  # the kink: gradient 0, as the reference
+
+    check_case(name, dtype, RELU, dict(n=N, c=C, h=H, w=W), seed, kink)
 
 
 # -- max-pool ------------------------------------------------------------------
 
 
-def _pool_both(be, ref, x, dy, dtype):
-    y_ref, c_ref = ref.maxpool2x2_forward(x)
-    y, c = be.maxpool2x2_forward(act_in(be, x))
-    assert_close(act_out(be, y), y_ref, dtype, "y")
-    dx_ref = ref.maxpool2x2_backward(dy, c_ref)
-    dx = act_out(be, be.maxpool2x2_backward(act_in(be, dy), c))
+def _pool_both(name, dtype, dims, seed, edit):
+    (_, grads), inputs, upstream = check_case(name, dtype, MAXPOOL, dims, seed, edit)
+    want = MAXPOOL.run(NumpyBackend(dtype), inputs, upstream)[1]
     # routing is exact: the same positions receive the same values
-    np.testing.assert_array_equal(dx != 0, dx_ref != 0)
-    assert_close(dx, dx_ref, dtype, "dx")
+    np.testing.assert_array_equal(grads["x"] != 0, want["x"] != 0)
     # backward twice from the same cache gives the same answer (no state consumed)
-    np.testing.assert_array_equal(act_out(be, be.maxpool2x2_backward(act_in(be, dy), c)), dx)
+    be = backend(name, dtype)
+    up = MAXPOOL.to_backend(be, upstream)
+    _, cache = MAXPOOL.forward(be, MAXPOOL.to_backend(be, inputs))
+    for _ in range(2):
+        np.testing.assert_array_equal(MAXPOOL.to_host(be, MAXPOOL.backward(be, cache, up))["x"], grads["x"])
+    return grads["x"], upstream["y"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -149,24 +145,22 @@ def _pool_both(be, ref, x, dy, dtype):
 def test_maxpool(name, dtype, shape, seed, levels):
     """levels=0: distinct random values; 2 or 3: values from a tiny set, so windows tie often."""
     N, C, _, H, W = shape
-    rng = np.random.default_rng(seed)
-    be, ref = backend(name, dtype), NumpyBackend(dtype)
-    if levels:
-        x = rng.integers(0, levels, (N, C, H, W)).astype(dtype)
-    else:
-        x = rand(rng, (N, C, H, W), dtype)
-    dy = rand(rng, (N, C, H // 2, W // 2), dtype) + 3.0  # nonzero, so routing is visible
-    _pool_both(be, ref, x, dy, dtype)
+
+    def edit(inputs, upstream, rng):
+        if levels:
+            inputs["x"] = rng.integers(0, levels, inputs["x"].shape).astype(dtype)
+        upstream["y"] += 3.0  # nonzero, so routing is visible
+
+    _pool_both(name, dtype, dict(n=N, c=C, h=H, w=W), seed, edit)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_maxpool_all_equal_routes_to_first(name, dtype):
-    be, ref = backend(name, dtype), NumpyBackend(dtype)
-    x = np.full((2, 3, 4, 6), 0.5, dtype)
-    dy = np.arange(1, 1 + 2 * 3 * 2 * 3, dtype=dtype).reshape(2, 3, 2, 3)
-    _pool_both(be, ref, x, dy, dtype)
-    _, c = be.maxpool2x2_forward(act_in(be, x))
-    dx = act_out(be, be.maxpool2x2_backward(act_in(be, dy), c))
+    def edit(inputs, upstream, rng):
+        inputs["x"] = np.full((2, 3, 4, 6), 0.5, dtype)
+        upstream["y"] = np.arange(1, 1 + 2 * 3 * 2 * 3, dtype=dtype).reshape(2, 3, 2, 3)
+
+    dx, dy = _pool_both(name, dtype, dict(n=2, c=3, h=4, w=6), 0, edit)
     np.testing.assert_array_equal(dx[:, :, ::2, ::2], dy)  # top-left of every window
 
 
@@ -178,19 +172,7 @@ def test_maxpool_all_equal_routes_to_first(name, dtype):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
 def test_upconv2x2(name, dtype, shape, seed):
     N, Cin, Cout, H, W = shape
-    H, W = H // 2, W // 2
-    rng = np.random.default_rng(seed)
-    be, ref = backend(name, dtype), NumpyBackend(dtype)
-    x, w, b = rand(rng, (N, Cin, H, W), dtype), rand(rng, (Cin, Cout, 2, 2), dtype), rand(rng, Cout, dtype)
-    y_ref, c_ref = ref.upconv2x2_forward(x, w, b)
-    y, c = be.upconv2x2_forward(act_in(be, x), be.asarray(w), be.asarray(b))
-    assert_close(act_out(be, y), y_ref, dtype, "y")
-    dy = rand(rng, y_ref.shape, dtype)
-    dx_ref, dw_ref, db_ref = ref.upconv2x2_backward(dy, c_ref)
-    dx, dw, db = be.upconv2x2_backward(act_in(be, dy), c)
-    assert_close(act_out(be, dx), dx_ref, dtype, "dx")
-    assert_close(host(be, dw), dw_ref, dtype, "dw")
-    assert_close(host(be, db), db_ref, dtype, "db")
+    check_case(name, dtype, UPCONV, dict(n=N, cin=Cin, cout=Cout, h=H // 2, w=W // 2), seed)
 
 
 # -- skip connection -------------------------------------------------------------
@@ -201,16 +183,7 @@ def test_upconv2x2(name, dtype, shape, seed):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
 def test_concat_split(name, dtype, shape, seed):
     N, Ca, Cb, H, W = shape
-    rng = np.random.default_rng(seed)
-    be, ref = backend(name, dtype), NumpyBackend(dtype)
-    a, b = rand(rng, (N, Ca, H, W), dtype), rand(rng, (N, Cb, H, W), dtype)
-    cat = be.concat_channels(act_in(be, a), act_in(be, b))
-    np.testing.assert_array_equal(act_out(be, cat), ref.concat_channels(a, b))
-    d = rand(rng, (N, Ca + Cb, H, W), dtype)
-    da, db = be.split_channels(act_in(be, d), Ca)
-    da_ref, db_ref = ref.split_channels(d, Ca)
-    np.testing.assert_array_equal(act_out(be, da), da_ref)
-    np.testing.assert_array_equal(act_out(be, db), db_ref)
+    check_case(name, dtype, CONCAT, dict(n=N, ca=Ca, cb=Cb, h=H, w=W), seed, exact=True)
 
 
 # -- output and loss ---------------------------------------------------------------
@@ -221,19 +194,18 @@ def test_concat_split(name, dtype, shape, seed):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1.0, 10.0, 1e4]))
 def test_sigmoid_bce(name, dtype, shape, seed, scale):
     N, _, _, H, W = shape
-    rng = np.random.default_rng(seed)
-    be, ref = backend(name, dtype), NumpyBackend(dtype)
-    z = rand(rng, (N, 1, H, W), dtype, scale)
-    z.flat[0], z.flat[-1] = 1e4, -1e4  # extremes: finite loss, exact gradient
-    y = (rng.random(z.shape) > 0.5).astype(dtype)
-    assert_close(host(be, be.sigmoid(be.asarray(z))), ref.sigmoid(z), dtype, "sigmoid")
-    loss_ref, dz_ref = ref.sigmoid_bce(z, y)
-    loss, dz = be.sigmoid_bce(be.asarray(z), be.asarray(y))
-    assert isinstance(loss, float) and np.isfinite(loss)
-    assert abs(loss - loss_ref) <= RTOL[dtype] * max(abs(loss_ref), 1.0)
-    dz = host(be, dz)
-    assert np.all(np.isfinite(dz))
-    assert_close(dz * z.size, dz_ref * z.size, dtype, "dz")
+
+    def edit(inputs, upstream, rng):
+        z = inputs["z"] = (rng.standard_normal(inputs["z"].shape) * scale).astype(dtype)
+        z.flat[0], z.flat[-1] = 1e4, -1e4  # extremes: finite loss, exact gradient
+
+    dims = dict(n=N, h=H, w=W)
+    check_case(name, dtype, SIGMOID, dims, seed, edit)
+    (out, grads), inputs, _ = check_case(name, dtype, SIGMOID_BCE, dims, seed, edit)
+    be = backend(name, dtype)
+    loss, _ = be.sigmoid_bce(be.asarray(inputs["z"]), be.asarray(inputs["y"]))
+    assert isinstance(loss, float) and np.isfinite(out["loss"])
+    assert np.all(np.isfinite(grads["z"]))
 
 
 # -- optimizer ---------------------------------------------------------------------
@@ -243,18 +215,20 @@ def test_sigmoid_bce(name, dtype, shape, seed, scale):
 @SETTINGS
 @given(size=st.integers(1, 200), seed=st.integers(0, 2**31 - 1), lr=st.sampled_from([1e-3, 0.1]))
 def test_adam_step(name, dtype, size, seed, lr):
+    """Three steps, each with a new gradient, on the backend and the reference."""
     rng = np.random.default_rng(seed)
     be, ref = backend(name, dtype), NumpyBackend(dtype)
-    p_ref = rand(rng, (size,), dtype)
-    m_ref, v_ref = np.zeros_like(p_ref), np.zeros_like(p_ref)
-    p, m, v = be.asarray(p_ref.copy()), be.asarray(m_ref.copy()), be.asarray(v_ref.copy())
+    inputs, _ = ADAM.make(rng, dtype, size=size)
+    inputs["lr"] = lr
+    on_be, on_ref = ADAM.to_backend(be, inputs), ADAM.to_backend(ref, inputs)
     for t in range(1, 4):
-        g = rand(rng, (size,), dtype)
-        ref.adam_step(p_ref, g, m_ref, v_ref, lr, 0.9, 0.999, 1e-8, t)
-        be.adam_step(p, be.asarray(g), m, v, lr, 0.9, 0.999, 1e-8, t)
-    assert_close(host(be, m), m_ref, dtype, "m")
-    assert_close(host(be, v), v_ref, dtype, "v")
-    assert_close(host(be, p), p_ref, dtype, "p")
+        g = rng.standard_normal(size).astype(dtype)
+        on_be.update(g=be.asarray(g), t=t)
+        on_ref.update(g=g, t=t)
+        got, want = ADAM.forward(be, on_be)[0], ADAM.forward(ref, on_ref)[0]
+    got, want = ADAM.to_host(be, got), ADAM.to_host(ref, want)
+    for k in "mvp":
+        assert_close(got[k], want[k], dtype, k)
 
 
 # -- the whole network -----------------------------------------------------------
@@ -282,7 +256,7 @@ def test_unet_matches_reference(name, dtype, depth):
         np.testing.assert_array_equal(host(fast.backend, fast.params[n]), ref.params[n])
     loss_ref, logits_ref, grads_ref = _train_step(ref, x, y)
     loss, logits, grads = _train_step(fast, x, y)
-    assert abs(loss - loss_ref) <= RTOL[dtype] * max(abs(loss_ref), 1.0)
+    assert_close(loss, loss_ref, dtype, "loss")
     assert_close(logits, logits_ref, dtype, "logits")
     assert list(grads) == list(grads_ref)
     for n in grads_ref:
@@ -329,7 +303,7 @@ def test_numba_many_chunks_matches_reference(monkeypatch):
         fast = UNet(1, 4, 2, backend=numba_cpu.NumbaBackend("float64"), dtype="float64", seed=2)
         outs.append(_train_step(fast, x, y))
     loss, logits, grads = outs[0]
-    assert abs(loss - loss_ref) <= 1e-10
+    assert_close(loss, loss_ref, "float64", "loss")
     assert_close(logits, logits_ref, "float64", "logits")
     for n in grads_ref:
         assert_close(grads[n], grads_ref[n], "float64", n)

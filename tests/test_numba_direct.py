@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minunet.kernels import numba_cpu
-from minunet.kernels.numpy_ref import NumpyBackend
-from tests.test_backend_equivalence import act_in, act_out, assert_close, backend, host, rand
+from minunet.opcases import conv2d
+from tests.test_backend_equivalence import assert_close, backend, check_case
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -43,12 +43,6 @@ def direct(force):
         numba_cpu._direct_force = old
 
 
-def _conv_run(be, x, w, b, dy, relu, need_dx=True):
-    y, c = be.conv2d_forward(act_in(be, x), be.asarray(w), be.asarray(b), relu=relu)
-    dx, dw, db = be.conv2d_backward(act_in(be, dy), c, need_dx=need_dx)
-    return act_out(be, y), (act_out(be, dx) if dx is not None else None), host(be, dw), host(be, db)
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("relu", [False, True])
@@ -56,43 +50,32 @@ def _conv_run(be, x, w, b, dy, relu, need_dx=True):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
 def test_direct_conv2d(dtype, k, relu, shape, seed):
     N, Cin, Cout, H, W = shape
-    rng = np.random.default_rng(seed)
-    be, ref = backend("numba", dtype), NumpyBackend(dtype)
-    x, w, b = rand(rng, (N, Cin, H, W), dtype), rand(rng, (Cout, Cin, k, k), dtype), rand(rng, Cout, dtype)
-    y_ref, c_ref = ref.conv2d_forward(x, w, b, relu=relu)
-    dy = rand(rng, y_ref.shape, dtype)
-    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
+    dims = dict(n=N, cin=Cin, cout=Cout, h=H, w=W)
     with direct(True):
         assert numba_cpu._use_direct(Cin, Cout, k)
-        y, dx, dw, db = _conv_run(be, x, w, b, dy, relu)
-        _, dx2, dw2, _ = _conv_run(be, x, w, b, dy, relu, need_dx=False)
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(dx, dx_ref, dtype, "dx")
-    assert_close(dw, dw_ref, dtype, "dw")
-    assert_close(db, db_ref, dtype, "db")
-    assert dx2 is None
-    np.testing.assert_array_equal(dw2, dw)
+        (_, grads), _, _ = check_case("numba", dtype, conv2d(k, relu), dims, seed)
+        (_, no_dx), _, _ = check_case("numba", dtype, conv2d(k, relu, need_dx=False), dims, seed)
+    assert no_dx["x"] is None
+    np.testing.assert_array_equal(no_dx["w"], grads["w"])
 
 
 @pytest.mark.parametrize("Cin", [1, 16, 32])
 def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin):
     """A full-width image (several chunks, every register-block position): the direct path gives the
     same bytes twice and agrees with the im2col + BLAS path to float32 tolerance."""
-    dtype, Cout = "float32", 16
-    rng = np.random.default_rng(Cin)
+    dtype, case = "float32", conv2d(3, relu=True, need_dx=Cin > 1)
     be = backend("numba", dtype)
-    x, w, b = rand(rng, (2, Cin, 70, 258), dtype), rand(rng, (Cout, Cin, 3, 3), dtype, 0.3), rand(rng, Cout, dtype)
-    dy = rand(rng, (2, Cout, 70, 258), dtype)
-    assert numba_cpu._use_direct(Cin, Cout, 3)  # the rule takes these shapes
-    first = _conv_run(be, x, w, b, dy, True, need_dx=Cin > 1)
-    again = _conv_run(be, x, w, b, dy, True, need_dx=Cin > 1)
+    inputs, upstream = case.make(np.random.default_rng(Cin), dtype, n=2, cin=Cin, cout=16, h=70, w=258)
+    inputs["w"] *= 0.3
+    assert numba_cpu._use_direct(Cin, 16, 3)  # the rule takes these shapes
+    first, again = case.run(be, inputs, upstream), case.run(be, inputs, upstream)
     with direct(False):
-        blas = _conv_run(be, x, w, b, dy, True, need_dx=Cin > 1)
-    for name, a, a2, bl in zip(["y", "dx", "dw", "db"], first, again, blas):
-        if a is None:
-            continue
-        np.testing.assert_array_equal(a, a2, err_msg=name)
-        assert_close(a, bl, dtype, name)
+        blas = case.run(be, inputs, upstream)
+    for a, a2, bl in zip(first, again, blas, strict=True):  # outputs, then gradients
+        for name in a:
+            if a[name] is not None:
+                np.testing.assert_array_equal(a[name], a2[name], err_msg=name)
+                assert_close(a[name], bl[name], dtype, name)
 
 
 def test_direct_rule():

@@ -7,10 +7,6 @@ import json
 import click
 
 
-def _fmt(v, spec):
-    return format(v, spec) if v is not None else "-"
-
-
 @click.command("bench")
 @click.option("--backend", type=click.Choice(["numba", "numpy", "cupy"], case_sensitive=False), default="numba",
               show_default=True, help="Backend to benchmark.")
@@ -44,14 +40,7 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, a
         if not as_json:
             click.echo(f"per-op, {be.name}, float32, batch {batch_size}, {size}x{size}, base {base}, depth {depth} "
                        f"(median of {repeats}; validated vs numpy on a crop)")
-            click.echo(f"{'op':<34} {'x':>2} {'fwd ms':>8} {'GF/s':>6} {'bwd ms':>8} {'GF/s':>6} {'rel err':>8}  ok")
-            total = 0.0
-            for r in rows:
-                total += r["count"] * (r["fwd_ms"] + r["bwd_ms"])
-                click.echo(f"{r['op']:<34} {r['count']:>2} {r['fwd_ms']:>8.2f} {_fmt(r['fwd_gflops'], '6.1f'):>6} "
-                           f"{r['bwd_ms']:>8.2f} {_fmt(r['bwd_gflops'], '6.1f'):>6} {r['max_rel_err']:>8.1e}  "
-                           f"{'OK' if r['ok'] else 'NOT OK'}")
-            click.echo(f"{'sum over the step (count x (fwd + bwd))':<45} {total:>10.1f} ms")
+            click.echo(lib.format_op_table(rows))
     step = lib.train_step(be, base, depth, batch_size, size, repeats, torch_compare=torch_compare, progress=progress)
     result["step"] = step
     if as_json:

@@ -1,0 +1,227 @@
+"""One table of op cases, and the one relative error every checker uses.
+
+Every op of the backend interface is described once, as an ``OpCase``: a
+name, an input maker, a forward and a backward. Four harnesses run the same
+cases:
+
+- ``minunet gradcheck`` (``gradcheck.py``): a backward against central
+  differences of its forward, in float64;
+- ``minunet bench`` (``bench.py``) and ``benchmarks/gpu_bench.py``: a backend
+  against the NumPy reference on a cropped shape, then timed at full size;
+- ``tests/test_backend_equivalence.py``: every backend against the reference
+  on shapes drawn by hypothesis.
+
+A case's arrays are named: inputs (``x``, ``w``, ``b``, ...), outputs (``y``,
+``loss``, ...), upstream gradients keyed by output name and gradients keyed by
+input name. ``make`` draws NCHW numpy arrays (plus the few Python scalars an op
+takes, which ride along unchanged). ``to_backend`` and ``to_host`` are the one
+place where arrays cross into and out of a backend: the names in
+``activations`` go through ``from_nchw`` / ``to_nchw`` (a backend may keep
+activations NHWC), everything else through ``asarray`` / ``to_host``.
+``forward`` and ``backward`` see backend arrays only, so a benchmark times
+them without the conversions.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def rel_err(a, b, floor=1e-30) -> float:
+    """max|a - b| / max(max|a|, max|b|, floor): the distance of two tensors, relative to their scale.
+
+    Why this form, for every comparison in minunet:
+    - Relative to the tensor's largest value, not elementwise: a float32 sum
+      leaves an absolute error of about eps times the size of its terms, so an
+      entry that cancels to nearly zero carries a large elementwise relative
+      error without anything being wrong. Against the scale, a tensor of 1e-6
+      gradients is judged exactly as strictly as one of 1e3 activations.
+    - Symmetric: neither side is "the truth". The same number serves backend
+      vs reference and analytic vs finite differences.
+    - ``floor`` bounds the denominator: the default only turns 0/0 (both
+      tensors exactly zero) into 0; a caller that knows a natural scale passes
+      it (the network gradient check passes ||grad||).
+    Differing shapes give inf; a NaN or inf mismatch gives NaN, which fails
+    every ``err <= tol``.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), floor)
+    return float(np.max(np.abs(a - b))) / scale
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op: ``make(rng, dtype, **dims) -> (inputs, upstream)`` (NCHW numpy),
+    ``forward(be, inputs) -> (outputs, cache)``,
+    ``backward(be, cache, upstream) -> grads`` (None: the op has no backward),
+    and ``flops(**dims) -> (forward, backward)`` for the benchmark's GFLOP/s."""
+
+    name: str
+    make: Callable
+    forward: Callable
+    backward: Callable | None = None
+    activations: frozenset = frozenset()
+    flops: Callable | None = None
+
+    def to_backend(self, be, arrays):
+        """NCHW numpy arrays -> be's arrays (copies: an op may update its inputs in place)."""
+        def move(k, v):
+            if not isinstance(v, np.ndarray):
+                return v
+            return be.from_nchw(v.copy()) if k in self.activations else be.asarray(v.copy())
+
+        return {k: move(k, v) for k, v in arrays.items()}
+
+    def to_host(self, be, arrays):
+        """be's arrays -> NCHW numpy arrays; a Python float becomes a 0-d array, None stays None."""
+        def move(k, v):
+            if v is None:  # conv's dx when need_dx is False
+                return None
+            if isinstance(v, float):  # the loss
+                return np.asarray(v)
+            return np.asarray(be.to_host(be.to_nchw(v) if k in self.activations else v))
+
+        return {k: move(k, v) for k, v in arrays.items()}
+
+    def run(self, be, inputs, upstream=None):
+        """Forward (and, given upstream gradients, backward) from and to NCHW host arrays:
+        returns (outputs, grads); grads is {} without upstream or backward."""
+        x = self.to_backend(be, inputs)
+        out, cache = self.forward(be, x)
+        grads = {}
+        if upstream is not None and self.backward is not None:
+            grads = self.to_host(be, self.backward(be, cache, self.to_backend(be, upstream)))
+        return self.to_host(be, out), grads
+
+
+def _normal(rng, dtype, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+_ACT = frozenset({"x", "y"})
+
+
+@functools.cache  # one case object per option set: the benchmark counts ops by case
+def conv2d(k=3, relu=False, need_dx=True):
+    """3x3 (pad 1) or 1x1 convolution, optionally with the fused ReLU; dims n, cin, cout, h, w."""
+
+    def make(rng, dtype, n, cin, cout, h, w):
+        inputs = dict(x=_normal(rng, dtype, n, cin, h, w), w=_normal(rng, dtype, cout, cin, k, k),
+                      b=_normal(rng, dtype, cout))
+        return inputs, dict(y=_normal(rng, dtype, n, cout, h, w))
+
+    def forward(be, i):
+        return _out(be.conv2d_forward(i["x"], i["w"], i["b"], relu=relu))
+
+    def backward(be, c, up):
+        dx, dw, db = be.conv2d_backward(up["y"], c, need_dx=need_dx)
+        return {"x": dx, "w": dw, "b": db}
+
+    def flops(n, cin, cout, h, w):
+        f = 2 * n * h * w * cin * cout * k * k  # a multiply-add is 2
+        return f, f * (2 if need_dx else 1)  # backward: dw, and dx when asked
+
+    name = f"conv2d {k}x{k}" + (" +relu" if relu else "") + ("" if need_dx else " (no dx)")
+    return OpCase(name, make, forward, backward, _ACT, flops)
+
+
+def _out(result, name="y"):
+    """A backend's (out, cache) -> ({name: out}, cache)."""
+    out, c = result
+    return {name: out}, c
+
+
+def _make_relu(rng, dtype, n, c, h, w):
+    return dict(x=_normal(rng, dtype, n, c, h, w)), dict(y=_normal(rng, dtype, n, c, h, w))
+
+
+def _make_pool(rng, dtype, n, c, h, w):
+    """dims n, c, h, w (h, w even); standard normal values are distinct, so no window ties."""
+    return dict(x=_normal(rng, dtype, n, c, h, w)), dict(y=_normal(rng, dtype, n, c, h // 2, w // 2))
+
+
+RELU = OpCase(
+    "relu",
+    _make_relu,
+    lambda be, i: _out(be.relu_forward(i["x"])),
+    lambda be, c, up: {"x": be.relu_backward(up["y"], c)},
+    _ACT,
+)
+
+MAXPOOL = OpCase(
+    "maxpool2x2",
+    _make_pool,
+    lambda be, i: _out(be.maxpool2x2_forward(i["x"])),
+    lambda be, c, up: {"x": be.maxpool2x2_backward(up["y"], c)},
+    _ACT,
+)
+
+
+def _make_upconv(rng, dtype, n, cin, cout, h, w):
+    """dims: the input's n, cin, h, w and the output's cout (the output is 2h x 2w)."""
+    inputs = dict(x=_normal(rng, dtype, n, cin, h, w), w=_normal(rng, dtype, cin, cout, 2, 2),
+                  b=_normal(rng, dtype, cout))
+    return inputs, dict(y=_normal(rng, dtype, n, cout, 2 * h, 2 * w))
+
+
+UPCONV = OpCase(
+    "upconv2x2",
+    _make_upconv,
+    lambda be, i: _out(be.upconv2x2_forward(i["x"], i["w"], i["b"])),
+    lambda be, c, up: dict(zip("xwb", be.upconv2x2_backward(up["y"], c), strict=True)),
+    _ACT,
+    lambda n, cin, cout, h, w: (8 * n * h * w * cin * cout, 16 * n * h * w * cin * cout),
+)
+
+
+def _make_concat(rng, dtype, n, ca, cb, h, w):
+    """dims n, ca, cb, h, w; the split point ca rides along as an input."""
+    inputs = dict(a=_normal(rng, dtype, n, ca, h, w), b=_normal(rng, dtype, n, cb, h, w), ca=ca)
+    return inputs, dict(y=_normal(rng, dtype, n, ca + cb, h, w))
+
+
+CONCAT = OpCase(  # forward: the skip connection's concat; backward: its adjoint, the split
+    "concat/split",
+    _make_concat,
+    lambda be, i: ({"y": be.concat_channels(i["a"], i["b"])}, i["ca"]),
+    lambda be, ca, up: dict(zip("ab", be.split_channels(up["y"], ca), strict=True)),
+    frozenset({"a", "b", "y"}),
+)
+
+
+def _make_logits(rng, dtype, n, h, w):
+    """Logits z (N,1,H,W) spread over both tails, binary targets y, and d loss = 1 (so backward is dz)."""
+    z = _normal(rng, dtype, n, 1, h, w, scale=3.0)
+    return dict(z=z, y=(rng.random(z.shape) > 0.5).astype(dtype)), dict(loss=1.0)
+
+
+SIGMOID = OpCase("sigmoid", _make_logits, lambda be, i: ({"s": be.sigmoid(i["z"])}, None))
+
+SIGMOID_BCE = OpCase(  # fused: the forward computes the loss and dz; the backward only scales dz
+    "sigmoid+bce",
+    _make_logits,
+    lambda be, i: _out(be.sigmoid_bce(i["z"], i["y"]), "loss"),  # the cache is dz
+    lambda be, dz, up: {"z": up["loss"] * dz},
+)
+
+
+def _make_adam(rng, dtype, size):
+    """One parameter tensor of ``size`` values, its gradient, zero moments, lr and the step t."""
+    p, g = _normal(rng, dtype, size), _normal(rng, dtype, size)
+    return dict(p=p, g=g, m=np.zeros_like(p), v=np.zeros_like(p), lr=1e-3, t=1), {}
+
+
+def _adam_forward(be, i):
+    be.adam_step(i["p"], i["g"], i["m"], i["v"], i["lr"], 0.9, 0.999, 1e-8, i["t"])
+    return {"p": i["p"], "m": i["m"], "v": i["v"]}, None
+
+
+ADAM = OpCase("adam", _make_adam, _adam_forward)  # in place on p, m, v: the "outputs" are those
