@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -232,3 +233,15 @@ def test_cupy_backend_without_a_gpu_is_a_clear_error(tmp_path):
         pytest.skip("a CUDA device answers here")
     assert_one_line_error(run("train", "--backend", "cupy", "--epochs", "1", "--out", tmp_path / "run"),
                           "cupy backend", "minunet[gpu]")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed here")
+@pytest.mark.parametrize("command", ["bench", "gradcheck", "train", "evaluate", "predict"])
+def test_every_command_turns_a_backend_that_cannot_start_into_one_line(trained, tmp_path, command):
+    model = trained / "run" / "best.npz"
+    args = {"bench": ["--no-ops", "--no-torch", "--size", "32", "--depth", "2", "--base", "4"],
+            "gradcheck": [],
+            "train": [trained / "data", "--epochs", "1", "--out", tmp_path / "run", "--no-cache"],
+            "evaluate": [trained / "data", "--model", model, "--json"],
+            "predict": [trained / "data", "--out", tmp_path / "pred", "--model", model]}[command]
+    assert_one_line_error(run(command, *args, "--backend", "cupy"), "cupy")

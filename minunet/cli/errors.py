@@ -5,7 +5,12 @@ checkpoint, bad settings) or a click usage error becomes one line on stderr,
 
     Error: <what is wrong, which file, what to do>
 
-and exit status 2; nothing prints a traceback for bad input.
+and exit status 2; nothing prints a traceback for bad input. This is the one
+place that maps exceptions to that line. A backend that cannot start (CuPy not
+installed, no CUDA device, Numba missing, an unknown name or dtype) reaches it
+as a ``ConfigError``: every command opens its backend through
+``train.resolve_backend``, which turns those ImportError/RuntimeError/ValueError
+into one. Errors that mean "the code is wrong" keep their traceback.
 """
 
 from __future__ import annotations
