@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 
@@ -58,13 +58,15 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) 
             arrays[f"adam_m/{name}"] = state["m"][name]
             arrays[f"adam_v/{name}"] = state["v"][name]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    # Mode 0o666 and no chmod: the kernel applies the umask, so the checkpoint gets the permissions
+    # of any file the user writes (tempfile.mkstemp would make it 0o600). O_EXCL: never reuse a name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -73,15 +75,6 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) 
             pass
         raise
     return path
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread starts
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 class Checkpoint:
