@@ -245,3 +245,15 @@ def test_every_command_turns_a_backend_that_cannot_start_into_one_line(trained, 
             "evaluate": [trained / "data", "--model", model, "--json"],
             "predict": [trained / "data", "--out", tmp_path / "pred", "--model", model]}[command]
     assert_one_line_error(run(command, *args, "--backend", "cupy"), "cupy")
+
+
+def test_unwritable_cache_is_one_warning_line_and_training_goes_on(tmp_path):
+    make_generic(tmp_path / "d", n=6)
+    (tmp_path / "file").write_text("a file, not a folder")
+    with_cache = [a for a in TINY if a != "--no-cache"]
+    r = run("train", tmp_path / "d", "--epochs", "1", "--out", tmp_path / "o", *with_cache,
+            "--cache-dir", tmp_path / "file" / "cache")
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if "cache" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: cannot write the decoded-image cache"), r.stderr
+    assert "Warning" not in r.stderr  # not Python's two-line "file:line: MinunetWarning" form
