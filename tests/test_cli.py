@@ -257,3 +257,18 @@ def test_unwritable_cache_is_one_warning_line_and_training_goes_on(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if "cache" in ln]
     assert len(lines) == 1 and lines[0].startswith("warning: cannot write the decoded-image cache"), r.stderr
     assert "Warning" not in r.stderr  # not Python's two-line "file:line: MinunetWarning" form
+
+
+def test_predict_keeps_the_real_data_error(tmp_path, monkeypatch):
+    import minunet.data
+    from minunet.errors import DataError
+
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("predict", tmp_path / "empty", "--out", tmp_path / "p"), "holds no images")
+    (tmp_path / "scans" / "patient1").mkdir(parents=True)  # no images at the top: read as a data folder
+
+    def unreadable(root, *args, **kwargs):
+        raise DataError(f"cannot list {root}/patient1 (permission denied): check the folder's permissions")
+
+    monkeypatch.setattr(minunet.data, "find_data", unreadable)
+    assert_one_line_error(run("predict", tmp_path / "scans", "--out", tmp_path / "p"), "permission denied")
