@@ -435,8 +435,12 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
                     logits = model.forward(be.asarray(x))
                     loss, dz = loss_and_grad(cfg.loss, logits, be.asarray(y), be)
                     if not math.isfinite(loss):
+                        # This run has a last.npz once an epoch ended or when it resumed from one (with
+                        # --force, the file still in the folder before that belongs to the old run).
+                        kept = (f"the last good checkpoint is {out / 'last.npz'}" if ck is not None or state["epoch"]
+                                else "no checkpoint was saved yet (the first one is written when epoch 1 ends)")
                         msg = (f"the loss became {loss} at epoch {epoch + 1}, batch {b + 1}: training stopped; "
-                               f"the last good checkpoint is {out / 'last.npz'} (try a smaller --lr)")
+                               f"{kept} (try a smaller --lr)")
                         emit("nonfinite", epoch=epoch + 1, batch=b + 1, loss=loss, message=msg)
                         return TrainResult("nonfinite", out, state["history"], state["best_dice"],
                                            state["best_epoch"], msg)
