@@ -14,7 +14,8 @@ Determinism: epoch e visits the images in ``data.epoch_order(n, seed, e)`` and
 batch b is augmented from ``default_rng([seed, e, b])``. A checkpoint records
 (epoch, batches done, optimizer step, the epoch's running loss), so a resumed
 run rebuilds exactly the batches still to do and ends with the same weights,
-bit for bit, as an uninterrupted run on the same backend.
+bit for bit, as an uninterrupted run on the same backend (so ``--resume``
+refuses another one; ``auto`` is compared by the backend it resolved to).
 
 Nothing here prints: every event goes to ``progress(event, **info)``, which the
 CLI renders (events: backend, data, decode, epoch_start, batch, validate,
@@ -344,6 +345,7 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         if diffs:
             raise ConfigError(f"--resume: the flags do not match the run in {out}: {', '.join(diffs)}; "
                               "drop those flags to continue the run as it was")
+        ran_on = json.loads((out / "config.json").read_text()).get("backend")  # resolved: never 'auto'
         ck = load_checkpoint(out / "last.npz")
         if ck.adam is None:
             raise ConfigError(f"{out / 'last.npz'} holds weights only: it cannot resume training")
@@ -364,6 +366,10 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
     else:
         split = make_split(index, cfg.val_fraction, cfg.seed, cfg.limit, exclude)
     backend, note = resolve_backend(cfg.backend)
+    if resume and ran_on and backend.name != ran_on:  # the same ops in another order round differently
+        raise ConfigError(f"--resume: the run in {out} used the {ran_on} backend; resuming on {backend.name} would "
+                          f"not continue it bit for bit: pass --backend {ran_on}, or start a new run from its weights "
+                          f"with --init {out / 'last.npz'} and another --out")
     emit("backend", name=backend.name, note=note)
     split_json = split.to_json(index)
     if resume:

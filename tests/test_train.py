@@ -95,6 +95,21 @@ def test_resume_refuses_changed_flags_and_fresh_run_refuses_old_folder(data_dir,
     assert [r["epoch"] for r in res.history] == [1, 2]
 
 
+def test_resume_refuses_another_backend(data_dir, tmp_path):
+    """Bit-for-bit resume holds on the same backend: the backend the run resolved to is checked."""
+    train(cfg(data_dir, tmp_path / "r", epochs=1))
+    with pytest.raises(ConfigError, match="used the numpy backend.*--backend numpy"):
+        train(cfg(data_dir, tmp_path / "r", epochs=2, backend="numba"), resume=True)
+    # 'auto' is compared by what it resolves to: a run whose 'auto' meant numpy does not go on with numba
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    config["train"]["backend"] = "auto"
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="used the numpy backend"):
+        train(cfg(data_dir, tmp_path / "r", epochs=2, backend="auto"), resume=True)
+    res = train(cfg(data_dir, tmp_path / "r", epochs=2), resume=True)
+    assert res.status == "done" and [r["epoch"] for r in res.history] == [1, 2]
+
+
 def poison_loss(monkeypatch, at_call):
     """Make loss_and_grad return NaN on its ``at_call``-th call (1-based)."""
     calls = []
