@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import zipfile
 from pathlib import Path
@@ -75,6 +76,47 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) 
             pass
         raise
     return path
+
+
+# -- export: what a shipped model keeps of its training record ---------------------------------
+
+MACHINE_SETTINGS = ("out", "cache_dir", "workers")  # where and how fast it ran, not what it learned
+FILE_SETTINGS = ("data", "exclude", "split_file", "init")  # files of the training machine: kept by name
+KEPT_STATE = ("epoch", "step", "history", "best_dice", "best_epoch")  # the record, not the position in an epoch
+KEPT_SPLIT = ("layout", "mask", "val_source", "excluded", "train", "val")  # names relative to the data folder
+
+
+def path_name(path) -> str:
+    """The last two components of a path, e.g. ``COVID-QU-Ex/Infection Segmentation Data``: a name a
+    user recognises, without the folders of the machine it was on (any OS's separators)."""
+    parts = [p for p in re.split(r"[\\/]", str(path)) if p and not re.fullmatch(r"[A-Za-z]:", p)]
+    return "/".join(parts[-2:])
+
+
+def exported_meta(ck: Checkpoint) -> dict:
+    """``ck``'s meta as a shipped model keeps it: the training recipe (every path reduced to its
+    ``path_name``: the data set's name, the exclude list's name...), the training record and the split
+    lists; no machine path, no optimizer position. The split lists come from the run folder's
+    split.json beside the checkpoint, or from ``ck`` when it was exported already."""
+    meta = {k: ck.meta[k] for k in ("minunet_version", "rng") if k in ck.meta}
+    meta["exported_from"] = ck.meta.get("exported_from", ck.path.name)
+    if "train_config" in ck.meta:
+        cfg = {k: v for k, v in ck.meta["train_config"].items() if k not in MACHINE_SETTINGS}
+        meta["train_config"] = {k: path_name(v) if k in FILE_SETTINGS and v else v for k, v in cfg.items()}
+    if "state" in ck.meta:
+        meta["state"] = {k: ck.meta["state"][k] for k in KEPT_STATE if k in ck.meta["state"]}
+    split_json = ck.path.parent / "split.json"
+    split = json.loads(split_json.read_text()) if split_json.is_file() else ck.meta.get("split")
+    if split is not None:
+        meta["split"] = {k: split[k] for k in KEPT_SPLIT if k in split}
+    return meta
+
+
+def export_checkpoint(src, out, weights_dtype="float16") -> Path:
+    """Write ``src``'s weights (as ``weights_dtype``; None keeps float32) with ``exported_meta``, without
+    the optimizer state: the file to ship or share."""
+    ck = load_checkpoint(src)
+    return save_checkpoint(out, ck.build_model("numpy"), None, exported_meta(ck), weights_dtype=weights_dtype)
 
 
 class Checkpoint:

@@ -101,3 +101,15 @@ def test_files_get_the_usual_permissions_without_touching_the_umask(tmp_path, mo
         real_umask(old)
     assert calls == []
     assert stat.S_IMODE((tmp_path / "c.npz").stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("path,name", [
+    ("/data/COVID-QU-Ex/Infection Segmentation Data/", "COVID-QU-Ex/Infection Segmentation Data"),
+    ("C:\\Users\\ana\\scans\\lungs", "scans/lungs"),
+    ("minunet/assets/sample/FILES.txt", "sample/FILES.txt"),
+    ("covid-qu-ex", "covid-qu-ex"),
+])
+def test_path_name_keeps_the_last_two_names(path, name):
+    from minunet.checkpoint import path_name
+
+    assert path_name(path) == name

@@ -272,3 +272,37 @@ def test_predict_keeps_the_real_data_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(minunet.data, "find_data", unreadable)
     assert_one_line_error(run("predict", tmp_path / "scans", "--out", tmp_path / "p"), "permission denied")
+
+
+def test_export_keeps_no_path_of_the_training_machine(trained, tmp_path):
+    import re
+
+    from minunet.checkpoint import load_checkpoint
+
+    r = run("export", trained / "run" / "best.npz", tmp_path / "m.npz")
+    assert r.exit_code == 0, r.output
+    meta = load_checkpoint(tmp_path / "m.npz").meta
+
+    def strings(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                yield k
+                yield from strings(x)
+        elif isinstance(v, list):
+            for x in v:
+                yield from strings(x)
+        elif isinstance(v, str):
+            yield v
+
+    absolute = [s for s in strings(meta) if s.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", s)]
+    assert absolute == [] and str(trained) not in json.dumps(meta), absolute
+    # what a user can use is kept: the model, the data set's name, the recipe, the split lists
+    assert meta["model"]["depth"] == 2 and meta["train_config"]["data"] == f"{trained.name}/data"
+    assert meta["train_config"]["mask"] == "lung" and meta["train_config"]["size"] == 32
+    split = json.loads((trained / "run" / "split.json").read_text())
+    assert meta["split"]["train"] == split["train"] and meta["split"]["val"] == split["val"]
+    assert meta["split"]["layout"] == "covid-qu-ex"
+    assert meta["state"]["history"] == load_checkpoint(trained / "run" / "best.npz").meta["state"]["history"]
+    # exporting an export keeps the same record
+    assert run("export", tmp_path / "m.npz", tmp_path / "again.npz").exit_code == 0
+    assert load_checkpoint(tmp_path / "again.npz").meta == meta
