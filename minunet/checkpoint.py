@@ -99,7 +99,7 @@ def exported_meta(ck: Checkpoint) -> dict:
     lists; no machine path, no optimizer position. The split lists come from the run folder's
     split.json beside the checkpoint, or from ``ck`` when it was exported already."""
     meta = {k: ck.meta[k] for k in ("minunet_version", "rng") if k in ck.meta}
-    meta["exported_from"] = ck.meta.get("exported_from", ck.path.name)
+    meta["exported_from"] = path_name(ck.meta.get("exported_from", ck.path))  # e.g. lung256/best.npz
     if "train_config" in ck.meta:
         cfg = {k: v for k, v in ck.meta["train_config"].items() if k not in MACHINE_SETTINGS}
         meta["train_config"] = {k: path_name(v) if k in FILE_SETTINGS and v else v for k, v in cfg.items()}

@@ -301,7 +301,7 @@ def test_export_keeps_no_path_of_the_training_machine(trained, tmp_path):
     assert meta["train_config"]["mask"] == "lung" and meta["train_config"]["size"] == 32
     split = json.loads((trained / "run" / "split.json").read_text())
     assert meta["split"]["train"] == split["train"] and meta["split"]["val"] == split["val"]
-    assert meta["split"]["layout"] == "covid-qu-ex"
+    assert meta["split"]["layout"] == "covid-qu-ex" and meta["exported_from"] == "run/best.npz"
     assert meta["state"]["history"] == load_checkpoint(trained / "run" / "best.npz").meta["state"]["history"]
     # exporting an export keeps the same record
     assert run("export", tmp_path / "m.npz", tmp_path / "again.npz").exit_code == 0
