@@ -1,6 +1,7 @@
 """Checkpoints: model weights, Adam state, position in training and config, in one .npz.
 
-Layout of the archive (``np.savez``, no pickles):
+Layout of the archive (``np.savez``, no pickles; ``np.savez_compressed`` for an export, which
+``np.load`` reads the same way):
 
     __minunet__          the string "minunet-checkpoint" (how a checkpoint is recognised)
     format_version       int
@@ -30,13 +31,14 @@ FORMAT_VERSION = 1
 MODEL_KEYS = ("in_channels", "base_channels", "depth")
 
 
-def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) -> Path:
+def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None, compress=False) -> Path:
     """Write ``model``'s parameters (and ``optimizer``'s state, when given) with ``meta``.
 
     ``meta`` is any JSON-able dict (epoch, step, configs...); the model's
     config is stored under ``meta['model']``. ``weights_dtype='float16'``
     stores the weights in half precision (for a shipped model; the optimizer
-    state is then usually left out)."""
+    state is then usually left out). ``compress`` deflates the archive: worth
+    it for a shipped file, whose meta (stored as UTF-32 by numpy) holds the split lists."""
     path = Path(path)
     be = model.backend
     meta = dict(meta or {})
@@ -65,7 +67,7 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            (np.savez_compressed if compress else np.savez)(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -114,9 +116,9 @@ def exported_meta(ck: Checkpoint) -> dict:
 
 def export_checkpoint(src, out, weights_dtype="float16") -> Path:
     """Write ``src``'s weights (as ``weights_dtype``; None keeps float32) with ``exported_meta``, without
-    the optimizer state: the file to ship or share."""
+    the optimizer state, compressed: the file to ship or share."""
     ck = load_checkpoint(src)
-    return save_checkpoint(out, ck.build_model("numpy"), None, exported_meta(ck), weights_dtype=weights_dtype)
+    return save_checkpoint(out, ck.build_model("numpy"), None, exported_meta(ck), weights_dtype, compress=True)
 
 
 class Checkpoint:

@@ -276,6 +276,7 @@ def test_predict_keeps_the_real_data_error(tmp_path, monkeypatch):
 
 def test_export_keeps_no_path_of_the_training_machine(trained, tmp_path):
     import re
+    import zipfile
 
     from minunet.checkpoint import load_checkpoint
 
@@ -303,6 +304,8 @@ def test_export_keeps_no_path_of_the_training_machine(trained, tmp_path):
     assert meta["split"]["train"] == split["train"] and meta["split"]["val"] == split["val"]
     assert meta["split"]["layout"] == "covid-qu-ex" and meta["exported_from"] == "run/best.npz"
     assert meta["state"]["history"] == load_checkpoint(trained / "run" / "best.npz").meta["state"]["history"]
+    with zipfile.ZipFile(tmp_path / "m.npz") as z:  # deflated: the split lists are most of the meta
+        assert z.getinfo("meta.npy").compress_type == zipfile.ZIP_DEFLATED
     # exporting an export keeps the same record
     assert run("export", tmp_path / "m.npz", tmp_path / "again.npz").exit_code == 0
     assert load_checkpoint(tmp_path / "again.npz").meta == meta
