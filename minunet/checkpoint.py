@@ -108,7 +108,11 @@ def exported_meta(ck: Checkpoint) -> dict:
     if "state" in ck.meta:
         meta["state"] = {k: ck.meta["state"][k] for k in KEPT_STATE if k in ck.meta["state"]}
     split_json = ck.path.parent / "split.json"
-    split = json.loads(split_json.read_text()) if split_json.is_file() else ck.meta.get("split")
+    try:
+        split = json.loads(split_json.read_text()) if split_json.is_file() else ck.meta.get("split")
+    except (OSError, ValueError):
+        raise CheckpointError(f"{split_json} (the run's file lists) is damaged: restore it, or export a copy "
+                              "of the checkpoint from a folder without it") from None
     if split is not None:
         meta["split"] = {k: split[k] for k in KEPT_SPLIT if k in split}
     return meta

@@ -309,3 +309,5 @@ def test_export_keeps_no_path_of_the_training_machine(trained, tmp_path):
     # exporting an export keeps the same record
     assert run("export", tmp_path / "m.npz", tmp_path / "again.npz").exit_code == 0
     assert load_checkpoint(tmp_path / "again.npz").meta == meta
+    (tmp_path / "split.json").write_text("{ damaged")
+    assert_one_line_error(run("export", tmp_path / "m.npz", tmp_path / "x.npz"), "split.json", "damaged")
