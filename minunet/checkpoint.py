@@ -1,6 +1,7 @@
 """Checkpoints: model weights, Adam state, position in training and config, in one .npz.
 
-Layout of the archive (``np.savez``, no pickles):
+Layout of the archive (``np.savez``, no pickles; ``np.savez_compressed`` for an export, which
+``np.load`` reads the same way):
 
     __minunet__          the string "minunet-checkpoint" (how a checkpoint is recognised)
     format_version       int
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
 import zipfile
 from pathlib import Path
 
@@ -29,13 +31,14 @@ FORMAT_VERSION = 1
 MODEL_KEYS = ("in_channels", "base_channels", "depth")
 
 
-def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) -> Path:
+def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None, compress=False) -> Path:
     """Write ``model``'s parameters (and ``optimizer``'s state, when given) with ``meta``.
 
     ``meta`` is any JSON-able dict (epoch, step, configs...); the model's
     config is stored under ``meta['model']``. ``weights_dtype='float16'``
     stores the weights in half precision (for a shipped model; the optimizer
-    state is then usually left out)."""
+    state is then usually left out). ``compress`` deflates the archive: worth
+    it for a shipped file, whose meta (stored as UTF-32 by numpy) holds the split lists."""
     path = Path(path)
     be = model.backend
     meta = dict(meta or {})
@@ -58,13 +61,15 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) 
             arrays[f"adam_m/{name}"] = state["m"][name]
             arrays[f"adam_v/{name}"] = state["v"][name]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    # Mode 0o666 and no chmod: the kernel applies the umask, so the checkpoint gets the permissions
+    # of any file the user writes (tempfile.mkstemp would make it 0o600). O_EXCL: never reuse a name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            (np.savez_compressed if compress else np.savez)(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -75,13 +80,49 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None) 
     return path
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread starts
-    os.umask(mask)
-    return mask
+# -- export: what a shipped model keeps of its training record ---------------------------------
+
+MACHINE_SETTINGS = ("out", "cache_dir", "workers")  # where and how fast it ran, not what it learned
+FILE_SETTINGS = ("data", "exclude", "split_file", "init")  # files of the training machine: kept by name
+KEPT_STATE = ("epoch", "step", "history", "best_dice", "best_epoch")  # the record, not the position in an epoch
+KEPT_SPLIT = ("layout", "mask", "val_source", "excluded", "train", "val")  # names relative to the data folder
 
 
-_UMASK = _read_umask()
+def path_name(path) -> str:
+    """The last two components of a path, e.g. ``COVID-QU-Ex/Infection Segmentation Data``: a name a
+    user recognises, without the folders of the machine it was on (any OS's separators)."""
+    parts = [p for p in re.split(r"[\\/]", str(path)) if p and not re.fullmatch(r"[A-Za-z]:", p)]
+    return "/".join(parts[-2:])
+
+
+def exported_meta(ck: Checkpoint) -> dict:
+    """``ck``'s meta as a shipped model keeps it: the training recipe (every path reduced to its
+    ``path_name``: the data set's name, the exclude list's name...), the training record and the split
+    lists; no machine path, no optimizer position. The split lists come from the run folder's
+    split.json beside the checkpoint, or from ``ck`` when it was exported already."""
+    meta = {k: ck.meta[k] for k in ("minunet_version", "rng") if k in ck.meta}
+    meta["exported_from"] = path_name(ck.meta.get("exported_from", ck.path))  # e.g. lung256/best.npz
+    if "train_config" in ck.meta:
+        cfg = {k: v for k, v in ck.meta["train_config"].items() if k not in MACHINE_SETTINGS}
+        meta["train_config"] = {k: path_name(v) if k in FILE_SETTINGS and v else v for k, v in cfg.items()}
+    if "state" in ck.meta:
+        meta["state"] = {k: ck.meta["state"][k] for k in KEPT_STATE if k in ck.meta["state"]}
+    split_json = ck.path.parent / "split.json"
+    try:
+        split = json.loads(split_json.read_text()) if split_json.is_file() else ck.meta.get("split")
+    except (OSError, ValueError):
+        raise CheckpointError(f"{split_json} (the run's file lists) is damaged: restore it, or export a copy "
+                              "of the checkpoint from a folder without it") from None
+    if split is not None:
+        meta["split"] = {k: split[k] for k in KEPT_SPLIT if k in split}
+    return meta
+
+
+def export_checkpoint(src, out, weights_dtype="float16") -> Path:
+    """Write ``src``'s weights (as ``weights_dtype``; None keeps float32) with ``exported_meta``, without
+    the optimizer state, compressed: the file to ship or share."""
+    ck = load_checkpoint(src)
+    return save_checkpoint(out, ck.build_model("numpy"), None, exported_meta(ck), weights_dtype, compress=True)
 
 
 class Checkpoint:

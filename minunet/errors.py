@@ -21,3 +21,9 @@ class CheckpointError(MinunetError):
 
 class ConfigError(MinunetError):
     """Settings that cannot work together (e.g. a size not divisible by 2**depth)."""
+
+
+class MinunetWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. a cache that cannot be written).
+
+    The CLI shows each one as one line, ``warning: <message>``, on stderr."""

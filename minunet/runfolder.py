@@ -27,15 +27,23 @@ def write_run_info(out: Path, run_info: dict, split_json: dict):
     (out / "split.json").write_text(json.dumps(split_json, indent=1) + "\n")
 
 
-def load_run_config(out) -> dict:
-    """The settings saved in a run folder's config.json (for --resume)."""
+def load_run_info(out) -> dict:
+    """A run folder's whole config.json (settings under "train", the resolved "backend", ...), for --resume."""
     path = Path(out) / "config.json"
     if not (Path(out) / "last.npz").is_file():
         raise ConfigError(f"there is no run to resume in {out} (no last.npz): start one without --resume")
     try:
-        return json.loads(path.read_text())["train"]
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict) or not isinstance(info["train"], dict):
+            raise ValueError
+        return info
     except (OSError, ValueError, KeyError):
         raise ConfigError(f"{path} is missing or damaged: cannot resume; start a new run with another --out") from None
+
+
+def load_run_config(out) -> dict:
+    """The settings saved in a run folder's config.json (for --resume)."""
+    return load_run_info(out)["train"]
 
 
 def load_run_split(out: Path) -> dict | None:

@@ -8,7 +8,8 @@ Determinism: epoch e visits the images in ``data.epoch_order(n, seed, e)`` and
 batch b is augmented from ``default_rng([seed, e, b])``. A checkpoint records
 (epoch, batches done, optimizer step, the epoch's running loss), so a resumed
 run rebuilds exactly the batches still to do and ends with the same weights,
-bit for bit, as an uninterrupted run on the same backend.
+bit for bit, as an uninterrupted run on the same backend (so ``--resume``
+refuses another one; ``auto`` is compared by the backend it resolved to).
 
 Nothing here prints: every event goes to ``progress(event, **info)``, which the
 CLI renders (events: backend, data, decode, epoch_start, batch, validate,
@@ -46,7 +47,7 @@ from minunet.losses import LOSSES, loss_and_grad
 from minunet.metrics import selection_score
 from minunet.model import UNet, check_size
 from minunet.optim import Adam, cosine_lr
-from minunet.runfolder import load_run_config, load_run_split, write_history, write_run_info
+from minunet.runfolder import load_run_info, load_run_split, write_history, write_run_info
 
 # Settings that fix the sequence of updates: a resumed run must use the same ones.
 DETERMINISTIC_KEYS = (
@@ -162,12 +163,14 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
     out = Path(cfg.out).expanduser()
     ck: Checkpoint | None = None
     if resume:
-        saved = load_run_config(out)
+        info = load_run_info(out)
+        saved = info["train"]
         diffs = [f"{k} {getattr(cfg, k)!r} (the run has {saved.get(k)!r})" for k in DETERMINISTIC_KEYS
                  if saved.get(k) != getattr(cfg, k)]
         if diffs:
             raise ConfigError(f"--resume: the flags do not match the run in {out}: {', '.join(diffs)}; "
                               "drop those flags to continue the run as it was")
+        ran_on = info.get("backend")  # as resolved: never 'auto'
         ck = load_checkpoint(out / "last.npz")
         if ck.adam is None:
             raise ConfigError(f"{out / 'last.npz'} holds weights only: it cannot resume training")
@@ -188,6 +191,10 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
     else:
         split = make_split(index, cfg.val_fraction, cfg.seed, cfg.limit, exclude)
     backend, note = open_backend(cfg.backend)
+    if resume and ran_on and backend.name != ran_on:  # the same ops in another order round differently
+        raise ConfigError(f"--resume: the run in {out} used the {ran_on} backend; resuming on {backend.name} would "
+                          f"not continue it bit for bit: pass --backend {ran_on}, or start a new run from its weights "
+                          f"with --init {out / 'last.npz'} and another --out")
     emit("backend", name=backend.name, note=note)
     split_json = split.to_json(index)
     if resume:
@@ -255,8 +262,12 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
                     logits = model.forward(be.asarray(x))
                     loss, dz = loss_and_grad(cfg.loss, logits, be.asarray(y), be)
                     if not math.isfinite(loss):
+                        # This run has a last.npz once an epoch ended or when it resumed from one (with
+                        # --force, the file still in the folder before that belongs to the old run).
+                        kept = (f"the last good checkpoint is {out / 'last.npz'}" if ck is not None or state["epoch"]
+                                else "no checkpoint was saved yet (the first one is written when epoch 1 ends)")
                         msg = (f"the loss became {loss} at epoch {epoch + 1}, batch {b + 1}: training stopped; "
-                               f"the last good checkpoint is {out / 'last.npz'} (try a smaller --lr)")
+                               f"{kept} (try a smaller --lr)")
                         emit("nonfinite", epoch=epoch + 1, batch=b + 1, loss=loss, message=msg)
                         return TrainResult("nonfinite", out, state["history"], state["best_dice"],
                                            state["best_epoch"], msg)

@@ -77,3 +77,39 @@ def test_errors(tmp_path):
         ck.check_model_config({"depth": 3})
     with pytest.raises(CheckpointError, match="does not match"):
         ck.load_into(UNet(1, 8, 2, backend="numpy"))
+
+
+def test_files_get_the_usual_permissions_without_touching_the_umask(tmp_path, monkeypatch):
+    """The process umask is never set (not even for a moment at import), yet a checkpoint gets
+    0o666 & ~umask like any file the user's programs write."""
+    import importlib
+    import os
+    import stat
+
+    import minunet.checkpoint as ckmod
+
+    real_umask = os.umask
+    calls = []
+    old = real_umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
+        importlib.reload(ckmod)
+        model, opt = trained_pair()
+        ckmod.save_checkpoint(tmp_path / "c.npz", model, opt)
+        monkeypatch.undo()
+    finally:
+        real_umask(old)
+    assert calls == []
+    assert stat.S_IMODE((tmp_path / "c.npz").stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("path,name", [
+    ("/data/COVID-QU-Ex/Infection Segmentation Data/", "COVID-QU-Ex/Infection Segmentation Data"),
+    ("C:\\Users\\ana\\scans\\lungs", "scans/lungs"),
+    ("minunet/assets/sample/FILES.txt", "sample/FILES.txt"),
+    ("covid-qu-ex", "covid-qu-ex"),
+])
+def test_path_name_keeps_the_last_two_names(path, name):
+    from minunet.checkpoint import path_name
+
+    assert path_name(path) == name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -283,3 +284,81 @@ def test_cupy_backend_without_a_gpu_is_a_clear_error(tmp_path):
         pytest.skip("a CUDA device answers here")
     assert_one_line_error(run("train", "--backend", "cupy", "--epochs", "1", "--out", tmp_path / "run"),
                           "cupy backend", "minunet[gpu]")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed here")
+@pytest.mark.parametrize("command", ["bench", "gradcheck", "train", "evaluate", "predict"])
+def test_every_command_turns_a_backend_that_cannot_start_into_one_line(trained, tmp_path, command):
+    model = trained / "run" / "best.npz"
+    args = {"bench": ["--no-ops", "--no-torch", "--size", "32", "--depth", "2", "--base", "4"],
+            "gradcheck": [],
+            "train": [trained / "data", "--epochs", "1", "--out", tmp_path / "run", "--no-cache"],
+            "evaluate": [trained / "data", "--model", model, "--json"],
+            "predict": [trained / "data", "--out", tmp_path / "pred", "--model", model]}[command]
+    assert_one_line_error(run(command, *args, "--backend", "cupy"), "cupy")
+
+
+def test_unwritable_cache_is_one_warning_line_and_training_goes_on(tmp_path):
+    make_generic(tmp_path / "d", n=6)
+    (tmp_path / "file").write_text("a file, not a folder")
+    with_cache = [a for a in TINY if a != "--no-cache"]
+    r = run("train", tmp_path / "d", "--epochs", "1", "--out", tmp_path / "o", *with_cache,
+            "--cache-dir", tmp_path / "file" / "cache")
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if "cache" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: cannot write the decoded-image cache"), r.stderr
+    assert "Warning" not in r.stderr  # not Python's two-line "file:line: MinunetWarning" form
+
+
+def test_predict_keeps_the_real_data_error(tmp_path, monkeypatch):
+    import minunet.data
+    from minunet.errors import DataError
+
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("predict", tmp_path / "empty", "--out", tmp_path / "p"), "holds no images")
+    (tmp_path / "scans" / "patient1").mkdir(parents=True)  # no images at the top: read as a data folder
+
+    def unreadable(root, *args, **kwargs):
+        raise DataError(f"cannot list {root}/patient1 (permission denied): check the folder's permissions")
+
+    monkeypatch.setattr(minunet.data, "find_data", unreadable)
+    assert_one_line_error(run("predict", tmp_path / "scans", "--out", tmp_path / "p"), "permission denied")
+
+
+def test_export_keeps_no_path_of_the_training_machine(trained, tmp_path):
+    import re
+    import zipfile
+
+    from minunet.checkpoint import load_checkpoint
+
+    r = run("export", trained / "run" / "best.npz", tmp_path / "m.npz")
+    assert r.exit_code == 0, r.output
+    meta = load_checkpoint(tmp_path / "m.npz").meta
+
+    def strings(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                yield k
+                yield from strings(x)
+        elif isinstance(v, list):
+            for x in v:
+                yield from strings(x)
+        elif isinstance(v, str):
+            yield v
+
+    absolute = [s for s in strings(meta) if s.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", s)]
+    assert absolute == [] and str(trained) not in json.dumps(meta), absolute
+    # what a user can use is kept: the model, the data set's name, the recipe, the split lists
+    assert meta["model"]["depth"] == 2 and meta["train_config"]["data"] == f"{trained.name}/data"
+    assert meta["train_config"]["mask"] == "lung" and meta["train_config"]["size"] == 32
+    split = json.loads((trained / "run" / "split.json").read_text())
+    assert meta["split"]["train"] == split["train"] and meta["split"]["val"] == split["val"]
+    assert meta["split"]["layout"] == "covid-qu-ex" and meta["exported_from"] == "run/best.npz"
+    assert meta["state"]["history"] == load_checkpoint(trained / "run" / "best.npz").meta["state"]["history"]
+    with zipfile.ZipFile(tmp_path / "m.npz") as z:  # deflated: the split lists are most of the meta
+        assert z.getinfo("meta.npy").compress_type == zipfile.ZIP_DEFLATED
+    # exporting an export keeps the same record
+    assert run("export", tmp_path / "m.npz", tmp_path / "again.npz").exit_code == 0
+    assert load_checkpoint(tmp_path / "again.npz").meta == meta
+    (tmp_path / "split.json").write_text("{ damaged")
+    assert_one_line_error(run("export", tmp_path / "m.npz", tmp_path / "x.npz"), "split.json", "damaged")

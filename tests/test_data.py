@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from minunet.data import (
     read_name_list,
     subdir,
 )
-from minunet.errors import DataError
+from minunet.errors import DataError, MinunetWarning
 
 SAMPLE = Path(__file__).resolve().parent.parent / "minunet" / "assets" / "sample"
 
@@ -116,6 +117,21 @@ def test_cache_is_reused_and_keyed_by_files(tmp_path):
     save(items[0].image, 255 - img)  # a changed file makes a new entry
     assert not load_arrays(items, 32, tmp_path / "cache").cached
 
+
+
+def test_unwritable_cache_warns_once_and_decodes_anyway(tmp_path):
+    make_generic(tmp_path / "d", n=4)
+    items = find_data(tmp_path / "d").items()
+    (tmp_path / "file").write_text("a file, not a folder")
+    cache = tmp_path / "file" / "cache"  # cannot be created, even by root (chmod would not stop root)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's own filter for user warnings: each message once
+        first = load_arrays(items, 32, cache)
+        second = load_arrays(items, 32, cache)
+    assert not first.cached and not second.cached
+    assert np.array_equal(first.images, load_arrays(items, 32, None).images)
+    msgs = [str(w.message) for w in seen if issubclass(w.category, MinunetWarning)]
+    assert len(msgs) == 1 and str(cache) in msgs[0] and "--no-cache" in msgs[0], msgs
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "no_mask", "corrupt", "size", "loose", "no_infection"])
 def test_bad_data_raises_a_clear_error(tmp_path, problem):

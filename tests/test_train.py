@@ -96,20 +96,53 @@ def test_resume_refuses_changed_flags_and_fresh_run_refuses_old_folder(data_dir,
     assert [r["epoch"] for r in res.history] == [1, 2]
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_resume_refuses_another_backend(data_dir, tmp_path):
+    """Bit-for-bit resume holds on the same backend: the backend the run resolved to is checked."""
+    train(cfg(data_dir, tmp_path / "r", epochs=1))
+    with pytest.raises(ConfigError, match="used the numpy backend.*--backend numpy"):
+        train(cfg(data_dir, tmp_path / "r", epochs=2, backend="numba"), resume=True)
+    # 'auto' is compared by what it resolves to: a run whose 'auto' meant numpy does not go on with numba
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    config["train"]["backend"] = "auto"
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="used the numpy backend"):
+        train(cfg(data_dir, tmp_path / "r", epochs=2, backend="auto"), resume=True)
+    res = train(cfg(data_dir, tmp_path / "r", epochs=2), resume=True)
+    assert res.status == "done" and [r["epoch"] for r in res.history] == [1, 2]
+
+
+def poison_loss(monkeypatch, at_call):
+    """Make loss_and_grad return NaN on its ``at_call``-th call (1-based)."""
     calls = []
     real = train_mod.loss_and_grad
 
     def poisoned(kind, z, y, be):
         calls.append(1)
         loss, dz = real(kind, z, y, be)
-        return (float("nan") if len(calls) == 5 else loss), dz
+        return (float("nan") if len(calls) == at_call else loss), dz
 
     monkeypatch.setattr(train_mod, "loss_and_grad", poisoned)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    poison_loss(monkeypatch, 5)
     res = train(cfg(data_dir, tmp_path / "n"))
     assert res.status == "nonfinite" and "nan" in res.message and "last good checkpoint" in res.message
+    assert str(tmp_path / "n" / "last.npz") in res.message
     state = load_checkpoint(tmp_path / "n" / "last.npz").meta["state"]
     assert state["epoch"] == 1 and state["step"] == 3  # the end of epoch 1, not the poisoned step
+
+
+@pytest.mark.parametrize("old_run", [False, True])
+def test_nonfinite_loss_before_the_first_checkpoint_says_none_was_saved(data_dir, tmp_path, monkeypatch, old_run):
+    """In epoch 1 no checkpoint of this run exists: the message must not point at one (with --force,
+    the last.npz still in the folder belongs to the old run)."""
+    if old_run:
+        train(cfg(data_dir, tmp_path / "n", epochs=1))
+    poison_loss(monkeypatch, 2)
+    res = train(cfg(data_dir, tmp_path / "n"), force=old_run)
+    assert res.status == "nonfinite" and "nan" in res.message
+    assert "last.npz" not in res.message and "no checkpoint" in res.message, res.message
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=0.0), dict(lr=-1.0), dict(batch_size=0), dict(size=34),

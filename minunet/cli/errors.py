@@ -5,16 +5,24 @@ checkpoint, bad settings) or a click usage error becomes one line on stderr,
 
     Error: <what is wrong, which file, what to do>
 
-and exit status 2; nothing prints a traceback for bad input.
+and exit status 2; nothing prints a traceback for bad input. This is the one
+place that maps exceptions to that line. A backend that cannot start (CuPy not
+installed, no CUDA device, Numba missing, an unknown name or dtype) reaches it
+as a ``ConfigError``: every command opens its backend through
+``kernels.open_backend``, which raises nothing else. Errors that mean "the code is wrong" keep their traceback.
+
+A ``MinunetWarning`` (the work goes on, but the user should know: e.g. a cache
+folder that cannot be written) is shown the same way, as ``warning: <message>``.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
-from minunet.errors import MinunetError
+from minunet.errors import MinunetError, MinunetWarning
 
 EXIT_BAD_INPUT = 2
 
@@ -27,6 +35,18 @@ class CliError(click.ClickException):
 
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())
+
+
+def _one_line_warnings(show_other):
+    """A ``warnings.showwarning`` hook: MinunetWarning as one line, any other warning as ``show_other`` shows it."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MinunetWarning):
+            click.echo(f"warning: {_one_line(message)}", err=True)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+
+    return show
 
 
 class MinunetGroup(click.Group):
@@ -42,7 +62,9 @@ class MinunetGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():  # restores the showwarning hook when the command ends
+                warnings.showwarning = _one_line_warnings(warnings.showwarning)
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(130)

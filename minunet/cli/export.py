@@ -13,15 +13,16 @@ def export_cmd(checkpoint, out, half):
     """Write CHECKPOINT's weights and config to OUT without the optimizer state.
 
     \b
+    OUT keeps the model config, the training recipe and record, and the split lists (from the run
+    folder's split.json); every path of the training machine is reduced to its last two names
+    (the data set's name, e.g. COVID-QU-Ex/Infection Segmentation Data).
+
+    \b
     Examples:
       minunet export runs/lung/best.npz minunet/assets/model/lung_unet.npz
       minunet export runs/lung/best.npz lung32.npz --float32
     """
-    from minunet.checkpoint import load_checkpoint, save_checkpoint
+    from minunet.checkpoint import export_checkpoint
 
-    ck = load_checkpoint(checkpoint)
-    model = ck.build_model("numpy")
-    meta = {k: v for k, v in ck.meta.items() if k not in ("model", "weights_dtype", "has_optimizer")}
-    meta["exported_from"] = str(ck.path)
-    path = save_checkpoint(out, model, None, meta, weights_dtype="float16" if half else None)
+    path = export_checkpoint(checkpoint, out, "float16" if half else None)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {'float16' if half else 'float32'} weights)")

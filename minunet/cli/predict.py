@@ -23,11 +23,13 @@ def collect_inputs(inputs):
             found = list_images(p)
             if not found and subdir(p, "images") is not None:
                 found = list_images(subdir(p, "images"))
-            if not found:  # a dataset folder (COVID-QU-Ex or split generic): every image in it
+            if not found and any(c.is_dir() for c in p.iterdir()):
+                # a dataset folder (COVID-QU-Ex or split generic): every image in it. When it is not one,
+                # find_data's error says why (no images below, an unreadable folder...): pass it on.
                 try:
                     found = [it.image for it in find_data(p, require_masks=False).items()]
-                except DataError:
-                    found = []
+                except DataError as e:
+                    raise DataError(f"folder {p} holds no images itself; read as a data folder: {e}") from None
             if not found:
                 raise DataError(f"folder {p} holds no images ({', '.join(IMAGE_EXTS)}): pass image files")
             files += found

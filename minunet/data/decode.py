@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from minunet.data.discover import Item
-from minunet.errors import DataError
+from minunet.errors import DataError, MinunetWarning
 
 CACHE_VERSION = 1
 
@@ -188,6 +189,10 @@ def load_arrays(items, size: int, cache_dir=None, workers: int = 2, progress=Non
             tmp = cache_dir / f".{key}.{os.getpid()}.tmp.json"
             tmp.write_text(json.dumps(meta))
             os.replace(tmp, cache_dir / f"{key}.json")
-        except OSError:
-            pass  # an unwritable cache only costs time: the arrays are in memory
+        except OSError as e:  # an unwritable cache only costs time: the arrays are in memory
+            # stacklevel=1 ties the warning to this line, not to the caller's, so Python's default filter
+            # shows it once however often load_arrays is called (training calls it for train and val).
+            warnings.warn(f"cannot write the decoded-image cache in {cache_dir} ({e.strerror or e}): going on "
+                          "without it; pass --cache-dir with a writable folder, or --no-cache", MinunetWarning,
+                          stacklevel=1)
     return ArraySet(images, masks, names, groups, stats, cached=False)
