@@ -115,14 +115,20 @@ def exported_meta(ck: Checkpoint) -> dict:
                               "of the checkpoint from a folder without it") from None
     if split is not None:
         meta["split"] = {k: split[k] for k in KEPT_SPLIT if k in split}
+    if "postprocess" in ck.meta:
+        meta["postprocess"] = dict(ck.meta["postprocess"])
     return meta
 
 
-def export_checkpoint(src, out, weights_dtype="float16") -> Path:
+def export_checkpoint(src, out, weights_dtype="float16", postprocess=None) -> Path:
     """Write ``src``'s weights (as ``weights_dtype``; None keeps float32) with ``exported_meta``, without
-    the optimizer state, compressed: the file to ship or share."""
+    the optimizer state, compressed: the file to ship or share. ``postprocess`` (threshold, min_area)
+    becomes the model's default post-processing in evaluate, predict and quantify."""
     ck = load_checkpoint(src)
-    return save_checkpoint(out, ck.build_model("numpy"), None, exported_meta(ck), weights_dtype, compress=True)
+    meta = exported_meta(ck)
+    if postprocess:
+        meta["postprocess"] = {**meta.get("postprocess", {}), **postprocess}
+    return save_checkpoint(out, ck.build_model("numpy"), None, meta, weights_dtype, compress=True)
 
 
 class Checkpoint:
@@ -134,6 +140,19 @@ class Checkpoint:
     @property
     def model_config(self) -> dict:
         return dict(self.meta["model"])
+
+    @property
+    def postprocess(self) -> dict:
+        """The model's default post-processing: ``threshold`` on sigmoid(logit) (0.5 unless the model
+        says otherwise) and ``min_area``, the share of the image under which a predicted component is
+        dropped (0: none). Chosen on validation images and stored by ``minunet export``."""
+        pp = self.meta.get("postprocess") or {}
+        return {"threshold": float(pp.get("threshold", 0.5)), "min_area": float(pp.get("min_area", 0.0))}
+
+    @property
+    def input_size(self) -> int:
+        """The image size the model was trained at (256 when the checkpoint does not say)."""
+        return int(self.meta.get("train_config", {}).get("size", 256))
 
     def check_model_config(self, wanted: dict, hint: str = ""):
         """Raise CheckpointError when a key of ``wanted`` (e.g. depth) differs from the checkpoint's."""

@@ -14,7 +14,7 @@ import numpy as np
 from minunet.data import ArraySet, iter_eval_batches
 from minunet.errors import ConfigError
 from minunet.metrics import ScoreAccumulator
-from minunet.postprocess import keep_largest
+from minunet.postprocess import drop_small, keep_largest
 
 THRESHOLD = 0.5  # a pixel is foreground when sigmoid(logit) > THRESHOLD
 
@@ -35,11 +35,12 @@ class EvalResult:
 
 
 def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = THRESHOLD, progress=None,
-                   keep_largest_k: int = 0) -> EvalResult:
+                   keep_largest_k: int = 0, min_area: float = 0.0) -> EvalResult:
     """Mean per-image and pooled Dice/IoU of ``model`` on every image of ``data``.
 
-    The prediction is sigmoid(logits) > threshold, then (when ``keep_largest_k``
-    > 0) only its k largest connected components. Training's validation and
+    The prediction is sigmoid(logits) > threshold, without its components smaller
+    than ``min_area`` of the image (``postprocess.drop_small``), then (when
+    ``keep_largest_k`` > 0) only its k largest connected components. Training's validation and
     ``minunet evaluate`` both call this."""
     if data.masks is None:
         raise ConfigError("these images have no masks, so they cannot be scored")
@@ -50,7 +51,7 @@ def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = TH
         logits = model.forward(be.asarray(x))
         loss, _ = be.sigmoid_bce(logits, be.asarray(y))
         loss_sum += loss * len(x)
-        pred = np.asarray(be.to_host(be.sigmoid(logits))) > threshold
+        pred = drop_small(np.asarray(be.to_host(be.sigmoid(logits))) > threshold, min_area)
         if keep_largest_k > 0:
             pred = keep_largest(pred, keep_largest_k)
         overall.add(pred, y)

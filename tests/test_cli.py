@@ -362,3 +362,45 @@ def test_export_keeps_no_path_of_the_training_machine(trained, tmp_path):
     assert load_checkpoint(tmp_path / "again.npz").meta == meta
     (tmp_path / "split.json").write_text("{ damaged")
     assert_one_line_error(run("export", tmp_path / "m.npz", tmp_path / "x.npz"), "split.json", "damaged")
+
+
+def test_exported_post_processing_becomes_the_models_default(trained, tmp_path):
+    r = run("export", trained / "run" / "best.npz", tmp_path / "pp.npz", "--threshold", "0.7", "--min-area", "0.02")
+    assert r.exit_code == 0, r.output
+    base = ("evaluate", trained / "data", "--json", "--backend", "numpy", "--model")
+    res = json.loads(run(*base, tmp_path / "pp.npz").stdout)
+    assert (res["threshold"], res["min_area"]) == (0.7, 0.02)
+    res = json.loads(run(*base, tmp_path / "pp.npz", "--threshold", "0.4", "--min-area", "0").stdout)
+    assert (res["threshold"], res["min_area"]) == (0.4, 0.0)  # flags win
+    res = json.loads(run(*base, trained / "run" / "best.npz").stdout)
+    assert (res["threshold"], res["min_area"]) == (0.5, 0.0)  # a model that says nothing
+    assert_one_line_error(run("export", trained / "run" / "best.npz", tmp_path / "x.npz", "--min-area", "2"),
+                          "--min-area")
+    assert_one_line_error(run(*base, tmp_path / "pp.npz", "--keep-largest", "-3"), "--keep-largest")
+
+
+def test_evaluate_json_never_prints_a_bare_nan(trained, monkeypatch):
+    import minunet.evaluation as evaluation
+
+    real = evaluation.evaluate_model
+
+    def nan_loss(*a, **kw):
+        ev = real(*a, **kw)
+        ev.summary["loss"] = float("nan")
+        return ev
+
+    monkeypatch.setattr(evaluation, "evaluate_model", nan_loss)
+    r = run("evaluate", trained / "data", "--json", "--backend", "numpy", "--model", trained / "run" / "best.npz")
+    assert r.exit_code == 0, r.output
+    assert "NaN" not in r.stdout and json.loads(r.stdout)["loss"] is None
+
+
+def test_predict_mask_infection_uses_the_shipped_lesion_model(trained, tmp_path, monkeypatch):
+    from minunet.cli import common
+
+    monkeypatch.setattr(common, "DEFAULT_INFECTION_MODEL", tmp_path / "infection_unet.npz")
+    img = trained / "data" / "Infection Segmentation Data" / "Train" / "Normal" / "images" / "Normal (Train 0).png"
+    assert_one_line_error(run("predict", img, "--out", tmp_path / "p", "--mask", "infection"), "infection_unet.npz")
+    monkeypatch.setattr(common, "DEFAULT_INFECTION_MODEL", trained / "run" / "best.npz")
+    r = run("predict", img, "--out", tmp_path / "p", "--mask", "infection", "--backend", "numpy")
+    assert r.exit_code == 0 and (tmp_path / "p" / "Normal (Train 0)_mask.png").is_file(), r.output

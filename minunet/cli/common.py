@@ -31,6 +31,49 @@ def config_option(*decls, **kw):
     return click.option(*decls, default=default, show_default=default is not None, **kw)
 
 
+def unique_name(stem: str, used: set) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``... when an earlier input had the same name; added to ``used``."""
+    name, k = stem, 2
+    while name in used:
+        name, k = f"{stem}_{k}", k + 1
+    used.add(name)
+    return name
+
+
+def strict_json(obj) -> str:
+    """JSON that strict parsers accept: a NaN or infinite float becomes null (never a bare NaN)."""
+    import json
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False)
+
+
+def check_postprocess(threshold, min_area):
+    """Refuse a --threshold outside (0, 1) and a --min-area outside [0, 1) (None: not given)."""
+    from minunet.errors import ConfigError
+
+    if threshold is not None and not 0 < threshold < 1:
+        raise ConfigError(f"--threshold must be between 0 and 1, got {threshold}")
+    if min_area is not None and not 0 <= min_area < 1:
+        raise ConfigError(f"--min-area is a share of the image, between 0 and 1, got {min_area}")
+
+
+def postprocess_of(ck, threshold=None, min_area=None) -> tuple[float, float]:
+    """(threshold, min_area): the flags where given, else the model's defaults (``Checkpoint.postprocess``)."""
+    check_postprocess(threshold, min_area)
+    pp = ck.postprocess
+    return (pp["threshold"] if threshold is None else threshold, pp["min_area"] if min_area is None else min_area)
+
+
 def shipped_model(mask: str) -> Path:
     """The shipped model for a mask kind: the lung model, or the lesion (infection) model."""
     return DEFAULT_INFECTION_MODEL if mask.lower() == "infection" else DEFAULT_MODEL

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from minunet.cli.common import BACKENDS, MASKS, TRAIN_DEFAULTS, Bar, config_option, load_model, shipped_model
+from minunet.cli.common import (
+    BACKENDS,
+    MASKS,
+    Bar,
+    check_postprocess,
+    config_option,
+    load_model,
+    postprocess_of,
+    shipped_model,
+    strict_json,
+)
 from minunet.evaluation import THRESHOLD
 
 
@@ -71,7 +79,10 @@ def filter_items(items, only, subset=None):
               help="[default: test if it has masks, else val, else all]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--size", type=int, default=None, help="Resize to SIZE [default: the size the model was trained at].")
-@click.option("--threshold", type=float, default=THRESHOLD, show_default=True)
+@click.option("--threshold", type=float, default=None, show_default=f"the model's, else {THRESHOLD}",
+              help="Foreground where sigmoid(logit) > THRESHOLD.")
+@click.option("--min-area", type=float, default=None, show_default="the model's, else 0",
+              help="Drop predicted components smaller than this share of the image (e.g. 0.01).")
 @click.option("--keep-largest", type=int, default=0, show_default=True,
               help="Keep only the K largest connected components of each prediction (0: all).")
 @click.option("--only", type=str, default=None,
@@ -84,8 +95,8 @@ def filter_items(items, only, subset=None):
 @click.option("--base-channels", type=int, default=None, help="Check the checkpoint has this width.")
 @click.option("--depth", type=int, default=None, help="Check the checkpoint has this depth.")
 @click.option("--cache-dir", type=click.Path(path_type=str), default=None)
-def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_largest, only, subset, batch_size,
-                 backend, base_channels, depth, cache_dir):
+def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_area, keep_largest, only, subset,
+                 batch_size, backend, base_channels, depth, cache_dir):
     """Score a model on DATA: mean per-image Dice and IoU, pooled Dice, per class.
 
     \b
@@ -102,8 +113,9 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
 
     if batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 0 < threshold < 1:
-        raise CliError(f"--threshold must be between 0 and 1, got {threshold}")
+    if keep_largest < 0:
+        raise CliError(f"--keep-largest must be >= 0 (0 keeps every component), got {keep_largest}")
+    check_postprocess(threshold, min_area)
     index = find_data(data, mask.lower(), require_masks=False)
     split, items = choose_split(index, "all" if only and split is None else split)
     if only:
@@ -112,7 +124,8 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
     elif subset:
         raise CliError("--subset chooses a list of the --only split file: give --only too")
     model, ck, note = load_model(model_path or shipped_model(mask), backend.lower(), base_channels, depth)
-    size = size or int(ck.meta.get("train_config", {}).get("size", TRAIN_DEFAULTS["size"]))
+    size = size or ck.input_size
+    threshold, min_area = postprocess_of(ck, threshold, min_area)
     check_size(size, model.depth)
     bar = Bar()
     arrays = load_arrays(items, size, default_cache_dir() if cache_dir is None else cache_dir or None,
@@ -120,20 +133,22 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
     bar.clear()
     ev = evaluate_model(model, arrays, batch_size, threshold,
                         progress=lambda _e, done, total: bar.update("evaluating", done, total),
-                        keep_largest_k=keep_largest)
+                        keep_largest_k=keep_largest, min_area=min_area)
     bar.clear()
     s = ev.summary
     if as_json:
         out = ev.to_json()
         out.update(split=split, data=str(index.root), mask=index.mask, model=str(ck.path), size=size,
-                   threshold=threshold, keep_largest=keep_largest, masks=arrays.mask_stats.describe())
-        click.echo(json.dumps(out))
+                   threshold=threshold, min_area=min_area, keep_largest=keep_largest,
+                   masks=arrays.mask_stats.describe())
+        click.echo(strict_json(out))
         return
     if note:
         click.echo(f"note: {note}", err=True)
     cfg = ck.model_config
     click.echo(f"model: {ck.path} (base {cfg['base_channels']}, depth {cfg['depth']}), size {size}, "
-               f"threshold {threshold}" + (f", keep largest {keep_largest}" if keep_largest else ""))
+               f"threshold {threshold}" + (f", min area {min_area}" if min_area else "")
+               + (f", keep largest {keep_largest}" if keep_largest else ""))
     click.echo(f"data:  {index.root} [{index.layout}], split {split}: {s['n_images']} images, {index.mask} "
                f"{arrays.mask_stats.describe()}")
     click.echo(f"Dice (mean per image)  {s['dice']:.4f}")

@@ -9,7 +9,11 @@ import click
 @click.argument("checkpoint", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--float16/--float32", "half", default=True, show_default=True, help="Storage type of the weights.")
-def export_cmd(checkpoint, out, half):
+@click.option("--threshold", type=float, default=None,
+              help="Store this probability threshold as the model's default (evaluate, predict, quantify).")
+@click.option("--min-area", type=float, default=None,
+              help="Store this minimum component area (share of the image) as the model's default.")
+def export_cmd(checkpoint, out, half, threshold, min_area):
     """Write CHECKPOINT's weights and config to OUT without the optimizer state.
 
     \b
@@ -21,8 +25,12 @@ def export_cmd(checkpoint, out, half):
     Examples:
       minunet export runs/lung/best.npz minunet/assets/model/lung_unet.npz
       minunet export runs/lung/best.npz lung32.npz --float32
+      minunet export runs/inf/best.npz infection_unet.npz --threshold 0.6 --min-area 0.01
     """
     from minunet.checkpoint import export_checkpoint
+    from minunet.cli.common import check_postprocess
 
-    path = export_checkpoint(checkpoint, out, "float16" if half else None)
+    check_postprocess(threshold, min_area)
+    pp = {k: v for k, v in (("threshold", threshold), ("min_area", min_area)) if v is not None}
+    path = export_checkpoint(checkpoint, out, "float16" if half else None, pp)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {'float16' if half else 'float32'} weights)")

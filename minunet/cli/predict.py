@@ -6,7 +6,18 @@ from pathlib import Path
 
 import click
 
-from minunet.cli.common import BACKENDS, DEFAULT_MODEL, Bar, load_model
+from minunet.cli.common import (
+    BACKENDS,
+    MASKS,
+    Bar,
+    check_postprocess,
+    config_option,
+    load_model,
+    postprocess_of,
+    shipped_model,
+    unique_name,
+)
+from minunet.evaluation import THRESHOLD
 
 
 def collect_inputs(inputs):
@@ -41,21 +52,26 @@ def collect_inputs(inputs):
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", type=click.Path(path_type=str), required=True, help="Folder for the masks and overlays.")
-@click.option("--model", "model_path", type=click.Path(path_type=str), default=str(DEFAULT_MODEL),
-              show_default="the shipped lung model", help="Checkpoint (.npz) written by 'minunet train'.")
-@click.option("--threshold", type=float, default=0.5, show_default=True)
+@click.option("--model", "model_path", type=click.Path(path_type=str), default=None,
+              show_default="the shipped model of --mask", help="Checkpoint (.npz) written by 'minunet train'.")
+@config_option("--mask", type=MASKS, help="Which shipped model segments, when --model is not given.")
+@click.option("--threshold", type=float, default=None, show_default=f"the model's, else {THRESHOLD}",
+              help="Foreground where sigmoid(logit) > THRESHOLD.")
+@click.option("--min-area", type=float, default=None, show_default="the model's, else 0",
+              help="Drop predicted components smaller than this share of the image (e.g. 0.01).")
 @click.option("--keep-largest", type=int, default=0, show_default=True,
               help="Keep only the K largest connected components (2 for lungs; 0: all).")
 @click.option("--size", type=int, default=None, help="Model input size [default: the size it was trained at].")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
-def predict_cmd(inputs, out, model_path, threshold, keep_largest, size, batch_size, backend):
+@config_option("--batch-size", type=int)
+@config_option("--backend", type=BACKENDS)
+def predict_cmd(inputs, out, model_path, mask, threshold, min_area, keep_largest, size, batch_size, backend):
     """Segment INPUT images: writes <name>_mask.png (0/255, at the image's own size) and <name>_overlay.png.
 
     \b
     Examples:
       minunet predict xray.png --out pred/
       minunet predict scans/ --out pred/ --keep-largest 2 --model runs/lung/best.npz
+      minunet predict scans/ --out lesions/ --mask infection
     """
     import numpy as np
     from PIL import Image
@@ -64,18 +80,18 @@ def predict_cmd(inputs, out, model_path, threshold, keep_largest, size, batch_si
     from minunet.data import read_gray
     from minunet.inference import probabilities
     from minunet.model import check_size
+    from minunet.postprocess import drop_small, overlay
     from minunet.postprocess import keep_largest as keep_k
-    from minunet.postprocess import overlay
 
-    if not 0 < threshold < 1:
-        raise CliError(f"--threshold must be between 0 and 1, got {threshold}")
     if keep_largest < 0 or batch_size < 1:
         raise CliError("--keep-largest must be >= 0 and --batch-size >= 1")
+    check_postprocess(threshold, min_area)
     files = collect_inputs(inputs)
-    model, ck, note = load_model(model_path, backend.lower())
+    model, ck, note = load_model(model_path or shipped_model(mask), backend.lower())
     if note:
         click.echo(f"note: {note}", err=True)
-    size = size or int(ck.meta.get("train_config", {}).get("size", 256))
+    size = size or ck.input_size
+    threshold, min_area = postprocess_of(ck, threshold, min_area)
     check_size(size, model.depth)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,12 +101,8 @@ def predict_cmd(inputs, out, model_path, threshold, keep_largest, size, batch_si
         chunk = files[start : start + batch_size]
         grays = [read_gray(f) for f in chunk]
         for f, g, p in zip(chunk, grays, probabilities(model, grays, size, batch_size), strict=True):
-            m = keep_k(p > threshold, keep_largest)
-            name = f.stem
-            k = 2
-            while name in used:
-                name, k = f"{f.stem}_{k}", k + 1
-            used.add(name)
+            m = keep_k(drop_small(p > threshold, min_area), keep_largest)
+            name = unique_name(f.stem, used)
             Image.fromarray((m * 255).astype(np.uint8)).save(out / f"{name}_mask.png")
             Image.fromarray(overlay(g, m)).save(out / f"{name}_overlay.png")
         bar.update("predicting", min(start + batch_size, len(files)), len(files))

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from minunet.cli.common import BACKENDS, DEFAULT_INFECTION_MODEL, DEFAULT_MODEL, Bar, load_model
+from minunet.cli.common import (
+    BACKENDS,
+    DEFAULT_INFECTION_MODEL,
+    DEFAULT_MODEL,
+    Bar,
+    check_postprocess,
+    load_model,
+    postprocess_of,
+    unique_name,
+)
 
 
 def collect_cases(inputs, only=None, subset=None):
@@ -58,14 +67,17 @@ def _csv_value(v):
               show_default="the shipped lung model")
 @click.option("--infection-model", type=click.Path(path_type=str), default=str(DEFAULT_INFECTION_MODEL),
               show_default="the shipped infection model")
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="Probability threshold of both models.")
+@click.option("--threshold", type=float, default=None, show_default="each model's, else 0.5",
+              help="Probability threshold of both models.")
+@click.option("--min-area", type=float, default=None, show_default="the lesion model's, else 0",
+              help="Drop lesions smaller than this share of the image.")
 @click.option("--only", type=str, default=None,
               help="With a COVID-QU-Ex folder: only the images of a split file (e.g. covid-qu-ex) or name list.")
 @click.option("--subset", type=click.Choice(["train", "val", "test"]), default=None,
               help="Which list of the --only split file [default: test if it has one, else val].")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True)
-def quantify_cmd(inputs, out, lung_model, infection_model, threshold, only, subset, batch_size, backend):
+def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, only, subset, batch_size, backend):
     """How much of each lung the lesions cover: a CSV row and a picture per X-ray.
 
     Runs the lung model and the lesion (infection) model on each image and counts
@@ -88,21 +100,22 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, only, subs
     from minunet.cli.errors import CliError
     from minunet.data import binarise_mask, read_gray
     from minunet.inference import probabilities
+    from minunet.postprocess import drop_small
     from minunet.quantify import COLUMNS, lung_damage, picture, summarise
 
-    if not 0 < threshold < 1:
-        raise CliError(f"--threshold must be between 0 and 1, got {threshold}")
+    check_postprocess(threshold, min_area)
     if batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {batch_size}")
     if subset and not only:
         raise CliError("--subset chooses a list of the --only split file: give --only too")
     cases = collect_cases(inputs, only, subset)
-    models = []
-    for path, option in ((lung_model, "--lung-model"), (infection_model, "--infection-model")):
+    models = []  # (model, input size, threshold, min_area): the lung model, then the lesion model
+    for path, option, area in ((lung_model, "--lung-model", 0.0), (infection_model, "--infection-model", min_area)):
         model, ck, note = load_model(path, backend.lower(), option=option)
         if note and not models:
             click.echo(f"note: {note}", err=True)
-        models.append((model, int(ck.meta.get("train_config", {}).get("size", 256))))
+        t, a = postprocess_of(ck, threshold, area)
+        models.append((model, ck.input_size, t, a))
     has_refs = any(lung is not None and inf is not None for _, lung, inf in cases)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +124,8 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, only, subs
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
         grays = [read_gray(f) for f, _, _ in chunk]
-        lung_p, inf_p = ([p > threshold for p in probabilities(m, grays, size, batch_size)] for m, size in models)
+        lung_p, inf_p = ([drop_small(p > t, a) for p in probabilities(m, grays, size, batch_size)]
+                         for m, size, t, a in models)
         for (f, ref_lung, ref_inf), g, lung, inf in zip(chunk, grays, lung_p, inf_p, strict=True):
             d = lung_damage(lung, inf)
             if d.lung_px == 0:
@@ -124,11 +138,7 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, only, subs
                 ref = ref.as_dict()
             rows.append(row)
             refs.append(ref)
-            name, k = f.stem, 2
-            while name in used:
-                name, k = f"{f.stem}_{k}", k + 1
-            used.add(name)
-            Image.fromarray(picture(g, lung, inf, d)).save(out / f"{name}_quantify.png")
+            Image.fromarray(picture(g, lung, inf, d)).save(out / f"{unique_name(f.stem, used)}_quantify.png")
         bar.update("quantifying", min(start + batch_size, len(cases)), len(cases))
     bar.clear()
     fields = ["image", *COLUMNS] + (["ref_infected_percent", "ref_severity_score"] if has_refs else [])
