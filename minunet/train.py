@@ -37,10 +37,10 @@ from minunet.data import (
     load_arrays,
     make_split,
     num_batches,
-    read_name_list,
+    read_exclude,
     split_from_file,
 )
-from minunet.errors import ConfigError
+from minunet.errors import ConfigError, DataError
 from minunet.evaluation import evaluate_model
 from minunet.kernels import open_backend
 from minunet.losses import LOSSES, loss_and_grad
@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
     out.mkdir(parents=True, exist_ok=True)
 
     index = find_data(cfg.data, cfg.mask)
-    exclude = read_name_list(cfg.exclude) if cfg.exclude else None
+    exclude = read_exclude(cfg.exclude) if cfg.exclude else None
     if cfg.split_file:
         split = split_from_file(index, cfg.split_file, exclude)
     else:
@@ -208,6 +208,9 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         return lambda done, total: emit("decode", what=what, done=done, total=total)
 
     train_set = load_arrays(split.train, cfg.size, cache_dir, cfg.workers, decode_progress("train"))
+    if cfg.mask == "lung" and train_set.mask_stats.all_empty():  # every image has lungs: these masks are wrong
+        raise DataError(f"every lung mask of the {len(train_set)} training images in {index.root} is empty: check "
+                        "the masks (lungs marked with 255, or 1, on 0)")
     val_set = load_arrays(split.val, cfg.size, cache_dir, cfg.workers, decode_progress("val"))
     emit("data", describe=index.describe(), n_train=len(train_set), n_val=len(val_set), val_source=split.source,
          excluded=split.excluded, masks=train_set.mask_stats.describe(), cached=train_set.cached and val_set.cached)

@@ -89,8 +89,10 @@ def test_exclude_list_drops_listed_images(tmp_path):
 def test_mask_conventions_are_detected():
     m, kind = binarise_mask(np.array([[0, 1], [1, 0]], np.uint8))
     assert kind == "0/1" and m.tolist() == [[0, 1], [1, 0]]
-    m, kind = binarise_mask(np.array([[0, 128], [127, 255]], np.uint8))
-    assert kind == "0/255" and m.tolist() == [[0, 1], [0, 1]]
+    m, kind = binarise_mask(np.array([[0, 128], [127, 255]], np.uint8))  # anti-aliased 0/255
+    assert kind == "graded" and m.tolist() == [[0, 1], [0, 1]]
+    m, kind = binarise_mask(np.array([[0, 255], [255, 0]], np.uint8))
+    assert kind == "0/255" and m.tolist() == [[0, 1], [1, 0]]
     assert binarise_mask(np.zeros((2, 2), np.uint8))[1] == "empty"
 
 

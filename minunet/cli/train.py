@@ -88,7 +88,8 @@ class TrainReporter:
 @config_option("--limit", type=int, help="Use only N images (a seeded pick), for quick runs.")
 @config_option("--augment/--no-augment", help="Seeded small rotations, shifts and intensity changes.")
 @config_option("--exclude", type=click.Path(path_type=str),
-               help="Text file of image names to keep out (e.g. minunet/assets/sample/FILES.txt).")
+               help="Images to keep out: a text file of names (e.g. minunet/assets/sample/FILES.txt), or a split "
+                    "file (a run's split.json, covid-qu-ex) whose held-out val and test lists are kept out.")
 @config_option("--split-file", type=str,
                help="Train on the train list and validate on the val list of this split file: covid-qu-ex "
                     "(the committed COVID-QU-Ex split) or a JSON file such as a run's split.json.")

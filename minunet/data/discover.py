@@ -10,11 +10,14 @@ Two layouts are detected (``find_data``):
 - generic: ``ROOT/images/*`` with ``ROOT/masks/<same name>`` (or the same stem
   with another extension, or ``<stem>_mask``), optionally under ``train/ val/ test/``.
 
-Folder names are matched ignoring case (``subdir``).
+Folder names are matched ignoring case (``subdir``). A folder that cannot be
+listed, a path the filesystem refuses (e.g. too long) and an image whose file
+name is not valid UTF-8 are DataErrors naming the path.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,14 +62,36 @@ class DataIndex:
         return f"{self.layout} layout at {self.root} ({self.mask} masks): {parts}"
 
 
+def _shown(p) -> str:
+    """A path as it can be printed: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+def _check_utf8(p: Path) -> Path:
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"the name of {_shown(p)} is not valid UTF-8: rename it (or move it out of the data)") from None
+    return p
+
+
+def _entries(d: Path, keep) -> list[Path]:
+    """The entries p of folder d for which keep(p) holds; a folder that cannot be read is a DataError."""
+    try:
+        return [p for p in d.iterdir() if keep(p)]
+    except OSError as e:
+        raise DataError(f"cannot read the folder {_shown(d)} ({e.strerror or e}): check that it is a folder "
+                        "you may read") from None
+
+
 def is_image(p: Path) -> bool:
     """A visible file with an image extension (IMAGE_EXTS, any case)."""
     return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
 def list_images(d: Path) -> list[Path]:
-    """The images directly in folder d, sorted by name."""
-    return sorted((p for p in d.iterdir() if is_image(p)), key=lambda p: p.name)
+    """The images directly in folder d, sorted by name (DataError for a name that is not UTF-8)."""
+    return sorted((_check_utf8(p) for p in _entries(d, is_image)), key=lambda p: p.name)
 
 
 def subdir(d: Path, name: str) -> Path | None:
@@ -76,10 +101,8 @@ def subdir(d: Path, name: str) -> Path | None:
     exact = d / name
     if exact.is_dir():
         return exact
-    for c in d.iterdir():
-        if c.is_dir() and c.name.lower() == name.lower():
-            return c
-    return None
+    found = _entries(d, lambda c: c.is_dir() and c.name.lower() == name.lower())
+    return found[0] if found else None
 
 
 def _is_qu_class(d: Path) -> bool:
@@ -89,7 +112,8 @@ def _is_qu_class(d: Path) -> bool:
 def _qu_classes(d: Path) -> list[Path]:
     if not d.is_dir():
         return []
-    return sorted((c for c in d.iterdir() if c.is_dir() and _is_qu_class(c)), key=lambda c: c.name)
+    return sorted((_check_utf8(c) for c in _entries(d, lambda c: c.is_dir() and _is_qu_class(c))),
+                  key=lambda c: c.name)
 
 
 def _qu_split_dirs(d: Path) -> dict:
@@ -152,10 +176,14 @@ def find_data(root, mask: str = "lung", require_masks: bool = True) -> DataIndex
     image without its mask (when ``require_masks``)."""
     if mask not in MASK_KINDS:
         raise DataError(f"unknown mask kind {mask!r}: choose lung or infection")
-    root = Path(root).expanduser()
-    if not root.exists():
+    root = _check_utf8(Path(root).expanduser())
+    try:
+        exists, is_dir = root.exists(), root.is_dir()
+    except OSError as e:  # e.g. a name too long for the filesystem
+        raise DataError(f"cannot read the data folder {root} ({e.strerror or e}): check the path") from None
+    if not exists:
         raise DataError(f"data folder {root} does not exist: pass the folder that holds the images and masks")
-    if not root.is_dir():
+    if not is_dir:
         raise DataError(f"{root} is not a folder: pass the folder that holds images/ and masks/ (or COVID-QU-Ex data)")
     root = root.resolve()
 
@@ -189,7 +217,7 @@ def find_data(root, mask: str = "lung", require_masks: bool = True) -> DataIndex
                     splits[s] = _scan_generic(sd, root, require_masks)
     splits = {k: v for k, v in splits.items() if v}
     if not splits:
-        loose = [p for p in root.iterdir() if is_image(p)]
+        loose = _entries(root, is_image)
         if loose:
             raise DataError(
                 f"{root} holds {len(loose)} image(s) but no images/ and masks/ folders: "

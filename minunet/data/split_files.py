@@ -10,6 +10,10 @@ root, as a run's ``split.json`` writes it). Two kinds exist:
   (name: ``covid-qu-ex``), which every shipped model uses: ``val`` chooses
   ``best.npz`` and the recipe, ``test`` is scored once at the end.
 
+``train --exclude`` takes a text list of names or a split file; of a split
+file it keeps out the held-out lists, ``val`` and ``test`` (of a run's
+``split.json``: its val images), never ``train`` (``read_exclude``).
+
 The committed split is per image, not per patient: COVID-QU-Ex does not
 identify patients, so two images of one patient may fall on both sides.
 
@@ -27,7 +31,7 @@ import json
 from pathlib import Path
 
 from minunet.data.discover import DataIndex, Item
-from minunet.data.split import Split, make_split, name_matches
+from minunet.data.split import Split, make_split, name_matches, read_name_list
 from minunet.errors import ConfigError, DataError
 
 SPLITS_DIR = Path(__file__).resolve().parent.parent / "assets" / "splits"
@@ -62,6 +66,25 @@ def read_split(name_or_path) -> dict:
     if not parts:
         raise DataError(f"{path} holds no train/val/test lists: pass a split file or a run's split.json")
     return parts
+
+
+def read_exclude(name_or_path) -> set:
+    """The names ``train --exclude`` keeps out: every name of a text list, or the held-out lists
+    (val and test) of a split file (a shipped split's name, a .json file, or a file holding a JSON object)."""
+    path = resolve_split_path(name_or_path)
+    if str(name_or_path) not in NAMED and path.suffix.lower() != ".json":
+        try:
+            with open(path, "rb") as f:
+                is_json = f.read(4096).lstrip().startswith(b"{")
+        except OSError as e:
+            raise DataError(f"cannot read the --exclude list {path}: {e.strerror or e}") from None
+        if not is_json:
+            return read_name_list(path)
+    parts = read_split(name_or_path)
+    if not ("val" in parts or "test" in parts):
+        raise DataError(f"--exclude {path} has no val or test list, so it names no held-out images: pass a run's "
+                        "split.json, a split file with a val or test list, or a text list of names")
+    return {n for p in ("val", "test") for n in parts.get(p, ())}
 
 
 def select(items, names, source="the split file") -> list:
