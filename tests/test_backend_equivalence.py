@@ -315,10 +315,10 @@ def test_numba_many_chunks_matches_reference(monkeypatch):
     """Tiny chunk sizes force every numba op through many chunks on the thread pool (the real
     shapes' path), including the in-order sums of per-chunk dw/db partials; results must match
     the reference and be bitwise identical run to run."""
-    from minunet.kernels import numba_cpu
+    from minunet.kernels.numba import NumbaBackend, threads
 
-    monkeypatch.setattr(numba_cpu, "_COL_ELEMS", 300)
-    monkeypatch.setattr(numba_cpu, "_ELEMS", 64)
+    monkeypatch.setattr(threads, "COL_ELEMS", 300)
+    monkeypatch.setattr(threads, "ELEMS", 64)
     rng = np.random.default_rng(11)
     x = rng.random((3, 1, 32, 16)).astype("float64")
     y = (rng.random(x.shape) > 0.5).astype("float64")
@@ -326,7 +326,7 @@ def test_numba_many_chunks_matches_reference(monkeypatch):
     loss_ref, logits_ref, grads_ref = _train_step(ref, x, y)
     outs = []
     for _ in range(2):
-        fast = UNet(1, 4, 2, backend=numba_cpu.NumbaBackend("float64"), dtype="float64", seed=2)
+        fast = UNet(1, 4, 2, backend=NumbaBackend("float64"), dtype="float64", seed=2)
         outs.append(_train_step(fast, x, y))
     loss, logits, grads = outs[0]
     assert abs(loss - loss_ref) <= 1e-10

@@ -3,10 +3,11 @@
 The shape rule sends only the full-resolution U-Net levels (Cin, Cout <= 32,
 Cout a multiple of 16) to the direct kernels, so the small random shapes of
 ``test_backend_equivalence`` never reach them. Here a switch forces the path
-(``_direct_force``) on small images with 16 or 32 output channels, through
+(``conv.direct_force``) on small images with 16 or 32 output channels, through
 every edge case: rows and columns whose taps leave the image, widths smaller
 than a register block of pixels, Cin not a multiple of 4 (the one-channel
-weight-gradient kernel), Cin a multiple of 16 (the direct input gradient).
+weight-gradient kernel), Cin a multiple of 16 (the direct input gradient);
+and that the checked-in kernel source is what its generator writes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minunet.kernels import numba_cpu
+from minunet.kernels.numba import conv, conv_direct_gen
 from minunet.kernels.numpy_ref import NumpyBackend
 from tests.test_backend_equivalence import act_in, act_out, assert_close, backend, host, rand
 
@@ -35,12 +36,12 @@ shapes = st.tuples(
 
 @contextmanager
 def direct(force):
-    old = numba_cpu._direct_force
-    numba_cpu._direct_force = force
+    old = conv.direct_force
+    conv.direct_force = force
     try:
         yield
     finally:
-        numba_cpu._direct_force = old
+        conv.direct_force = old
 
 
 def _conv_run(be, x, w, b, dy, relu, need_dx=True):
@@ -63,7 +64,7 @@ def test_direct_conv2d(dtype, k, relu, shape, seed):
     dy = rand(rng, y_ref.shape, dtype)
     dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
     with direct(True):
-        assert numba_cpu._use_direct(Cin, Cout, k)
+        assert conv.use_direct(Cin, Cout, k)
         y, dx, dw, db = _conv_run(be, x, w, b, dy, relu)
         _, dx2, dw2, _ = _conv_run(be, x, w, b, dy, relu, need_dx=False)
     assert_close(y, y_ref, dtype, "y")
@@ -83,7 +84,7 @@ def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin):
     be = backend("numba", dtype)
     x, w, b = rand(rng, (2, Cin, 70, 258), dtype), rand(rng, (Cout, Cin, 3, 3), dtype, 0.3), rand(rng, Cout, dtype)
     dy = rand(rng, (2, Cout, 70, 258), dtype)
-    assert numba_cpu._use_direct(Cin, Cout, 3)  # the rule takes these shapes
+    assert conv.use_direct(Cin, Cout, 3)  # the rule takes these shapes
     first = _conv_run(be, x, w, b, dy, True, need_dx=Cin > 1)
     again = _conv_run(be, x, w, b, dy, True, need_dx=Cin > 1)
     with direct(False):
@@ -97,9 +98,15 @@ def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin):
 
 def test_direct_rule():
     """Direct for the full-resolution level's shapes, im2col + BLAS for the deeper ones and 1x1."""
-    assert numba_cpu._direct_force is None
+    assert conv.direct_force is None
     for cin, cout in [(1, 16), (16, 16), (32, 16), (16, 32), (32, 32)]:
-        assert numba_cpu._use_direct(cin, cout, 3)
+        assert conv.use_direct(cin, cout, 3)
     for cin, cout in [(32, 64), (64, 64), (128, 64), (16, 8), (16, 1)]:
-        assert not numba_cpu._use_direct(cin, cout, 3)
-    assert not numba_cpu._use_direct(16, 16, 1)
+        assert not conv.use_direct(cin, cout, 3)
+    assert not conv.use_direct(16, 16, 1)
+
+
+def test_generated_kernels_are_current():
+    """conv_direct_kernels.py is exactly what conv_direct_gen.py writes: edit the templates, then
+    regenerate with `python -m minunet.kernels.numba.conv_direct_gen`."""
+    assert conv_direct_gen.OUTPUT.read_text() == conv_direct_gen.source()

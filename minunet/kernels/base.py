@@ -115,7 +115,7 @@ def get_backend(name: str = "auto", dtype: str = "float32"):
 
         return NumpyBackend(dtype)
     if name == "numba":
-        from minunet.kernels.numba_cpu import NumbaBackend
+        from minunet.kernels.numba import NumbaBackend
 
         return NumbaBackend(dtype)
     if name == "cupy":
