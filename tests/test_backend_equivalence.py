@@ -236,6 +236,16 @@ def test_sigmoid_bce(name, dtype, shape, seed, scale):
     assert_close(dz * z.size, dz_ref * z.size, dtype, "dz")
 
 
+def test_sigmoid_bce_refuses_mismatched_targets(name):
+    """The fused loss reads y element for element: targets of another shape are an error, not a read
+    past the end of y."""
+    be = backend(name, "float32")
+    z = be.asarray(np.zeros((2, 1, 4, 4), "float32"))
+    for shape in [(2, 1, 2, 2), (2, 1, 4, 5), (1, 1, 4, 4), (32,)]:
+        with pytest.raises(ValueError, match="shape"):
+            be.sigmoid_bce(z, be.asarray(np.zeros(shape, "float32")))
+
+
 # -- optimizer ---------------------------------------------------------------------
 
 
@@ -255,6 +265,37 @@ def test_adam_step(name, dtype, size, seed, lr):
     assert_close(host(be, m), m_ref, dtype, "m")
     assert_close(host(be, v), v_ref, dtype, "v")
     assert_close(host(be, p), p_ref, dtype, "p")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", [np.s_[:3, :3], np.s_[1:5, ::4]])  # views that no flat view covers
+def test_numba_adam_step_updates_a_strided_view(dtype, view):
+    """A parameter (and its moments) given as a non-contiguous view, e.g. w[:3, :3] of a 6x6 array:
+    the view is updated as the reference updates it, and nothing outside it changes."""
+    rng = np.random.default_rng(3)
+    be, ref = backend("numba", dtype), NumpyBackend(dtype)
+    bases = {"p": rand(rng, (6, 6), dtype), "g": rand(rng, (6, 6), dtype),
+             "m": rand(rng, (6, 6), dtype, 0.1), "v": np.abs(rand(rng, (6, 6), dtype, 0.1))}
+    ours = {k: a.copy() for k, a in bases.items()}
+    theirs = {k: a.copy() for k, a in bases.items()}
+    for t in (1, 2):
+        be.adam_step(*(ours[k][view] for k in "pgmv"), 0.1, 0.9, 0.999, 1e-8, t)
+        ref.adam_step(*(theirs[k][view] for k in "pgmv"), 0.1, 0.9, 0.999, 1e-8, t)
+    for k in "pmv":
+        assert not np.array_equal(ours[k][view], bases[k][view]), f"{k}: the view was not updated"
+        assert_close(ours[k], theirs[k], dtype, k)
+        outside = np.ones((6, 6), bool)
+        outside[view] = False
+        np.testing.assert_array_equal(ours[k][outside], bases[k][outside], err_msg=f"{k} outside the view")
+
+
+def test_numba_adam_step_refuses_mismatched_shapes():
+    be = backend("numba", "float32")
+    p, m, v = (np.zeros(6, "float32") for _ in range(3))
+    with pytest.raises(ValueError, match="shape"):
+        be.adam_step(p, np.zeros(5, "float32"), m, v, 0.1, 0.9, 0.999, 1e-8, 1)
+    with pytest.raises(ValueError, match="shape"):
+        be.adam_step(p, np.zeros(6, "float32"), m, np.zeros(7, "float32"), 0.1, 0.9, 0.999, 1e-8, 1)
 
 
 # -- the whole network -----------------------------------------------------------

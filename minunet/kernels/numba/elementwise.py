@@ -153,8 +153,11 @@ def _sigmoid_bce(z, y, dz, size):
 def sigmoid_bce(z, y):
     """loss = mean(max(z,0) - z*y + log1p(exp(-|z|))); dz = (sigmoid(z) - y) / z.size. NCHW.
 
+    z and y must have the same shape (the kernel reads y element for element).
     The per-chunk sums (float64) are added in chunk order: deterministic."""
     z = np.ascontiguousarray(z)
+    if np.shape(y) != z.shape:
+        raise ValueError(f"sigmoid_bce: targets y have shape {np.shape(y)}, logits z have {z.shape}: they must match")
     y = np.ascontiguousarray(y, dtype=z.dtype)
     dz = np.empty_like(z)
     zf, yf, dzf = z.reshape(-1), y.reshape(-1), dz.reshape(-1)
