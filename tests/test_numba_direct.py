@@ -7,7 +7,8 @@ Cout a multiple of 16) to the direct kernels, so the small random shapes of
 every edge case: rows and columns whose taps leave the image, widths smaller
 than a register block of pixels, Cin not a multiple of 4 (the one-channel
 weight-gradient kernel), Cin a multiple of 16 (the direct input gradient);
-and that the checked-in kernel source is what its generator writes.
+then NaN and inf through the direct kernels, and that the checked-in kernel
+source is what its generator writes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from hypothesis import strategies as st
 
 from minunet.kernels.numba import conv, conv_direct_gen
 from minunet.kernels.numpy_ref import NumpyBackend
-from tests.test_backend_equivalence import act_in, act_out, assert_close, backend, host, rand
+from tests.test_backend_equivalence import (
+    IGNORE_INVALID,
+    act_in,
+    act_out,
+    active_interior,
+    assert_close,
+    assert_nonfinite_close,
+    backend,
+    host,
+    rand,
+)
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -104,6 +115,55 @@ def test_direct_rule():
     for cin, cout in [(32, 64), (64, 64), (128, 64), (16, 8), (16, 1)]:
         assert not conv.use_direct(cin, cout, 3)
     assert not conv.use_direct(16, 16, 1)
+
+
+@IGNORE_INVALID
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("Cin", [3, 16])  # 16: the direct input gradient too
+def test_direct_conv2d_nonfinite(dtype, relu, Cin):
+    """NaN and inf in x, b and dy give the reference's non-finite positions through the direct kernels
+    (dy non-finite only where the ReLU is on and away from the border; see test_backend_equivalence)."""
+    rng = np.random.default_rng(Cin + relu)
+    be, ref = backend("numba", dtype), NumpyBackend(dtype)
+    x, w, b = rand(rng, (2, Cin, 7, 9), dtype), rand(rng, (16, Cin, 3, 3), dtype), rand(rng, 16, dtype)
+    x[0, 0, 0, 0], x[1, Cin - 1, 3, 8], x[1, 0, 6, 4] = np.nan, np.inf, -np.inf
+    b[5] = np.nan
+    y_ref, c_ref = ref.conv2d_forward(x, w, b, relu=relu)
+    dy = rand(rng, y_ref.shape, dtype)
+    dy[active_interior(np.where(np.isnan(y_ref), 0, y_ref) if not relu else y_ref, 3)] = np.nan
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
+    with direct(True):
+        y, dx, dw, db = _conv_run(be, x, w, b, dy, relu)
+    for what, a, a_ref in [("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref), ("db", db, db_ref)]:
+        assert_nonfinite_close(a, a_ref, dtype, what)
+
+
+@IGNORE_INVALID
+@pytest.mark.parametrize("tap", [(0, 0), (1, 2), (2, 1)])
+def test_direct_conv2d_nan_weight_reaches_every_pixel_that_reads_it(tap):
+    """A NaN weight w[o, c, i, j] makes y[:, o, h, w] NaN wherever that tap reads the image,
+    xpad[h+i-1, w+j-1] inside it. The direct kernels skip the zero padding, so the border pixels
+    whose tap falls there may stay finite (the reference, which multiplies 0 * NaN, has NaN there):
+    those pixels must equal the convolution without that weight."""
+    dtype, (i, j) = "float64", tap
+    rng = np.random.default_rng(i * 3 + j)
+    be, ref = backend("numba", dtype), NumpyBackend(dtype)
+    x, w, b = rand(rng, (2, 4, 6, 7), dtype), rand(rng, (16, 4, 3, 3), dtype), rand(rng, 16, dtype)
+    w[3, 1, i, j] = np.nan
+    with direct(True):
+        y, _ = be.conv2d_forward(act_in(be, x), w, b, relu=True)
+    y = act_out(be, y)
+    H, W = x.shape[2:]
+    reads = np.zeros((H, W), bool)  # the output pixels where tap (i, j) reads inside the image
+    reads[max(0, 1 - i) : min(H, H + 1 - i), max(0, 1 - j) : min(W, W + 1 - j)] = True
+    assert np.isnan(y[:, 3][:, reads]).all()
+    w0 = w.copy()
+    w0[3, 1, i, j] = 0
+    y0, _ = ref.conv2d_forward(x, w0, b, relu=True)
+    finite = ~np.isnan(y)
+    assert finite[:, np.arange(16) != 3].all()
+    assert_close(y[finite], y0[finite], dtype, "y without the NaN weight")
 
 
 def test_generated_kernels_are_current():
