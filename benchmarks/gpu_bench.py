@@ -71,7 +71,7 @@ def max_rel_err(actual, expected):
 def bench_ops(base=16, depth=4, batch=8, size=256, crop=32, crop_batch=2, tol=2e-4):
     import cupy
 
-    from minunet.kernels.cupy_gpu import CupyBackend
+    from minunet.kernels.cupy import CupyBackend
     from minunet.kernels.numpy_ref import NumpyBackend
     from minunet.model import UNet
 
@@ -247,7 +247,7 @@ def check_twin(base=8, depth=3, batch=2, size=64):
     import torch
     from torch.nn import functional as F
 
-    from minunet.kernels.cupy_gpu import CupyBackend
+    from minunet.kernels.cupy import CupyBackend
     from minunet.model import UNet
     from minunet.optim import Adam
 
@@ -289,7 +289,7 @@ def check_twin(base=8, depth=3, batch=2, size=64):
 def time_minunet_step(base, depth, batch, size, steps=10):
     import cupy
 
-    from minunet.kernels.cupy_gpu import CupyBackend
+    from minunet.kernels.cupy import CupyBackend
     from minunet.model import UNet
     from minunet.optim import Adam
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from minunet.kernels.base import get_backend
+from minunet.kernels import get_backend
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
 

@@ -10,6 +10,24 @@ COVID-QU-Ex infection masks, which are empty for every non-COVID image.
 
 Pooled scores sum the counts over all images first (one big image), so large
 masks weigh more; the mean per-image score weighs every image the same.
+
+Often-empty targets (infection masks: empty on every Normal and Non-COVID
+image). Under the empty-mask rule a model that never predicts anything scores
+about 0.5 on COVID-QU-Ex before it has learned anything, and painting lesions
+on healthy lungs costs little. So two more figures, reported for every set:
+
+    dice_nonempty   mean per-image Dice over the images whose reference mask
+                    is not empty (n_nonempty of them); "predict nothing" gets 0
+    fp_image_rate   share of the images with an empty reference mask on which
+                    the prediction has any foreground pixel (an image-level
+                    rate, not the pixel false-positive rate); "paint every
+                    lung" gets 1
+
+and the selection score of an infection run, ``dice_nonempty * (1 -
+fp_image_rate)``, which neither trivial answer can win (both score 0), which
+rewards finding lesions and keeping clean images clean alike, and which
+reduces to dice_nonempty on a set with no empty reference. A figure over no
+images is None (JSON null), never NaN.
 """
 
 from __future__ import annotations
@@ -101,14 +119,28 @@ class ScoreAccumulator:
         return iou_from_counts(*self.arrays())
 
     def summary(self):
-        """dice, iou (mean per image), dice_pooled, iou_pooled, n_images, n_empty_masks."""
+        """dice, iou (mean per image), dice_pooled, iou_pooled, n_images, n_empty_masks,
+        dice_nonempty, n_nonempty, fp_image_rate (see the module docstring); None where no image counts."""
         i, p, g = self.arrays()
         n = len(i)
+        nonempty, empty = g > 0, g == 0
         return {
-            "dice": float(dice_from_counts(i, p, g).mean()) if n else float("nan"),
-            "iou": float(iou_from_counts(i, p, g).mean()) if n else float("nan"),
-            "dice_pooled": float(dice_from_counts(i.sum(), p.sum(), g.sum())) if n else float("nan"),
-            "iou_pooled": float(iou_from_counts(i.sum(), p.sum(), g.sum())) if n else float("nan"),
+            "dice": float(dice_from_counts(i, p, g).mean()) if n else None,
+            "iou": float(iou_from_counts(i, p, g).mean()) if n else None,
+            "dice_pooled": float(dice_from_counts(i.sum(), p.sum(), g.sum())) if n else None,
+            "iou_pooled": float(iou_from_counts(i.sum(), p.sum(), g.sum())) if n else None,
             "n_images": n,
-            "n_empty_masks": int((g == 0).sum()),
+            "n_empty_masks": int(empty.sum()),
+            "dice_nonempty": float(dice_from_counts(i, p, g)[nonempty].mean()) if nonempty.any() else None,
+            "n_nonempty": int(nonempty.sum()),
+            "fp_image_rate": float((p[empty] > 0).mean()) if empty.any() else None,
         }
+
+
+def selection_score(summary: dict, mask: str) -> float:
+    """The validation figure that chooses best.npz: mean per-image Dice for lungs; for infection
+    ``dice_nonempty * (1 - fp_image_rate)`` (each factor taken as 1 when the set has no image for it)."""
+    if mask != "infection":
+        return summary["dice"]
+    dn, fp = summary["dice_nonempty"], summary["fp_image_rate"]
+    return (1.0 if dn is None else dn) * (1.0 - (0.0 if fp is None else fp))

@@ -22,8 +22,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from minunet.kernels.base import check_dtype, get_backend
+from minunet.errors import ConfigError
+from minunet.kernels import get_backend
+from minunet.kernels.base import check_dtype
 from minunet.layers import Conv2d, DoubleConv, MaxPool2d, UpConv2d
+
+
+def check_size(size, depth):
+    """Raise ConfigError unless images resized to size x size fit a U-Net of ``depth`` levels.
+
+    Each of the ``depth`` pools halves H and W and each up-conv doubles them back to
+    the skip's size, so H and W must be multiples of 2**depth (the same rule as
+    ``UNet.check_input_shape``, worded for the --size and --depth flags)."""
+    f = 2**depth
+    if size < f or size % f:
+        raise ConfigError(
+            f"--size {size} is not divisible by 2**depth = {f}: use a multiple of {f} "
+            f"(e.g. {max(f, size // f * f)}) or a smaller --depth"
+        )
 
 
 class UNet:

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minunet.kernels.base import get_backend
-from minunet.kernels.cupy_gpu import cuda_available
+from minunet.kernels import get_backend
+from minunet.kernels.cupy import cuda_status
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
 
 BACKENDS = [
     "numba",
     pytest.param(
-        "cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="no CUDA device")]
+        "cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not cuda_status()[0], reason=cuda_status()[1])]
     ),
 ]
 DTYPES = ["float64", "float32"]

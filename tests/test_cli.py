@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from minidata import make_generic, make_qu, save
 from PIL import Image
 
 from minunet.cli import main
-from minunet.postprocess import keep_largest, label_components
+from minunet.postprocess import drop_small, keep_largest, label_components
 
 TINY = ["--backend", "numpy", "--base-channels", "4", "--depth", "2", "--size", "32", "--batch-size", "4",
         "--no-cache"]
@@ -47,6 +50,37 @@ def test_help_lists_every_command_with_examples():
         assert cmd in r.output
         sub = run(cmd, "--help")
         assert sub.exit_code == 0 and "Examples" in sub.output and f"minunet {cmd}" in sub.output
+
+
+def test_options_take_their_defaults_from_train_config():
+    """Each training default is written once, in TrainConfig; the options of train, evaluate and
+    summary read it, and --help shows it."""
+    from minunet.cli.evaluate import evaluate_cmd
+    from minunet.cli.summary import summary_cmd
+    from minunet.cli.train import train_cmd
+    from minunet.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    shared = {train_cmd: set(defaults) - {"workers"}, summary_cmd: {"base_channels", "depth", "size", "batch_size"},
+              evaluate_cmd: {"mask", "batch_size", "backend"}}
+    for cmd, names in shared.items():
+        options = {p.name: p for p in cmd.params if p.name in names}
+        assert set(options) == names, (cmd.name, names - set(options))
+        for name, p in options.items():
+            assert p.default == defaults[name], (cmd.name, name, p.default, defaults[name])
+            assert p.show_default or defaults[name] is None, (cmd.name, name)
+    helptext = " ".join(run("train", "--help").output.split())
+    for flag, value in (("--epochs", 10), ("--lr", 0.001), ("--size", 256), ("--val-fraction", 0.1)):
+        assert value == defaults[flag[2:].replace("-", "_")] and f"[default: {value}]" in helptext, flag
+
+
+def test_the_cli_imports_only_public_names():
+    """Private helpers (a leading _) stay in their module: the commands use the library's public API."""
+    for path in sorted((Path(__file__).resolve().parent.parent / "minunet" / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minunet"):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                assert not private, (path.name, node.module, private)
 
 
 def test_train_prints_a_row_per_epoch(trained):
@@ -96,6 +130,18 @@ def test_keep_largest_components():
     u = np.zeros((5, 5), bool)
     u[:, 0] = u[:, 4] = u[4, :] = True  # a U joins through its bottom row
     assert label_components(u)[1].tolist() == [13]
+
+
+def test_drop_small_components():
+    m = np.zeros((10, 10), bool)
+    m[0:3, 0:3] = True  # 9 pixels
+    m[6:10, 6:10] = True  # 16 pixels
+    m[0, 9] = True  # 1 pixel
+    assert drop_small(m, 0.10).sum() == 16  # components under 10 of the 100 pixels go
+    assert drop_small(m, 0.09).sum() == 25  # 9 is not under 9
+    assert np.array_equal(drop_small(m, 0), m)
+    batch = np.stack([m, ~m])[:, None]
+    assert drop_small(batch, 0.10).shape == batch.shape and drop_small(batch, 0.10)[0, 0].sum() == 16
 
 
 def test_summary_matches_the_model():
@@ -207,10 +253,28 @@ def test_evaluate_only_the_held_out_images_of_a_run(trained):
     assert json.loads(r.stdout)["n_images"] == sum("/Normal/" in n for n in split["val"])
 
 
-def test_cupy_backend_without_a_gpu_is_a_clear_error(tmp_path):
-    from minunet.kernels.cupy_gpu import cuda_available
+def test_evaluate_a_split_files_test_list_with_infection_figures(trained, tmp_path):
+    split = {"train": [], "val": ["COVID-19/COVID_19 (Train 0).png"],
+             "test": ["COVID-19/COVID_19 (Train 1).png", "Normal/Normal (Train 2).png"]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    args = ("evaluate", trained / "data", "--model", trained / "run" / "best.npz", "--json", "--backend", "numpy",
+            "--mask", "infection", "--split", "train", "--only", tmp_path / "split.json")
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["n_images"] == 2 and res["n_nonempty"] == 1 and res["split"].endswith("(only the test of split.json)")
+    assert {"dice_nonempty", "fp_image_rate", "n_nonempty"} <= set(res["per_class"]["Normal"])
+    assert res["per_class"]["Normal"]["dice_nonempty"] is None  # JSON null, never NaN
+    assert json.loads(run(*args, "--subset", "val").stdout)["n_images"] == 1
+    assert_one_line_error(run(*args, "--subset", "bogus"), "bogus")
+    r = run(*args[:-2], "--subset", "val")
+    assert_one_line_error(r, "--only")
 
-    if cuda_available():
+
+def test_cupy_backend_without_a_gpu_is_a_clear_error(tmp_path):
+    from minunet.kernels.cupy import cuda_status
+
+    if cuda_status()[0]:
         pytest.skip("a CUDA device answers here")
     assert_one_line_error(run("train", "--backend", "cupy", "--epochs", "1", "--out", tmp_path / "run"),
                           "cupy backend", "minunet[gpu]")

@@ -1,13 +1,15 @@
 """The CuPy backend's CUDA kernels and host code, checked on the CPU.
 
-No GPU is needed: the CUDA source of ``minunet.kernels.cupy_gpu`` is compiled
-with the host C++ compiler under a small prelude that turns ``__global__``
+No GPU is needed: the whole CUDA source of ``minunet.kernels.cupy``
+(``cuda_source(dtype)``, exactly what NVRTC compiles) is compiled with the host
+C++ compiler under a small prelude that turns ``__global__``/``__device__``
 functions into plain C functions and ``blockIdx``/``threadIdx`` into globals the
 test sets. Each launch runs every (block, thread) of a small grid in turn, so the
 grid-stride loops, the index math and every gather are exercised exactly as
 written. ``CupyBackend`` itself runs unchanged with numpy as its array module
 (numpy's matmul stands in for cuBLAS; the API is the same), and every op is
-compared with the numpy reference.
+compared with the numpy reference, NaN and inf inputs included (the NaN rule of
+``kernels/base.py``).
 
 What this cannot check: NVRTC compilation, cupy's launch plumbing and real GPU
 timing; tests marked ``gpu`` and ``benchmarks/gpu_check.sh`` do that on a GPU.
@@ -22,7 +24,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from minunet.kernels import cupy_gpu
+from minunet.kernels.cupy import CupyBackend, cuda_source, kernels
 from minunet.kernels.numpy_ref import NumpyBackend
 
 CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -36,9 +38,13 @@ extern "C" void emu_set(unsigned int b, unsigned int t, unsigned int bd, unsigne
     blockIdx.x = b; threadIdx.x = t; blockDim.x = bd; gridDim.x = gd;
 }
 #define __global__
+#define __device__
 """
 
 GRID, BLOCK = 3, 5  # an odd little grid: every grid-stride loop runs several rounds
+
+# the NaN tests make NaN from inf * 0 on purpose, and numpy warns about it
+nan_ok = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
 _libs = {}
@@ -49,13 +55,13 @@ def emu_lib(dtype, tmp_path_factory):
     if dtype not in _libs:
         d = tmp_path_factory.mktemp(f"cuda_emu_{dtype}")
         src, lib = d / "kernels.cpp", d / "kernels.so"
-        src.write_text(PRELUDE + cupy_gpu.REAL_PRELUDE[dtype] + cupy_gpu.CUDA_SOURCE)
+        src.write_text(PRELUDE + cuda_source(dtype))
         subprocess.run([CXX, "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(lib), str(src)], check=True)
         _libs[dtype] = ctypes.CDLL(str(lib))
     return _libs[dtype]
 
 
-class EmulatedCupyBackend(cupy_gpu.CupyBackend):
+class EmulatedCupyBackend(CupyBackend):
     """CupyBackend with numpy as xp and the CUDA kernels run on the host."""
 
     def __init__(self, lib, dtype, **kw):
@@ -66,8 +72,9 @@ class EmulatedCupyBackend(cupy_gpu.CupyBackend):
         self.xp = np
         self._kernels = None
 
-    def _launch(self, name, total, *args):
-        assert name in cupy_gpu.KERNEL_NAMES
+    def _launch(self, kernel, total, *args):
+        assert kernel in kernels(), f"{kernel.name} is not in the compiled source"
+        name = kernel.name
         if total <= 0:
             return
         cargs = []
@@ -111,11 +118,18 @@ def _nchw(be, a):
     return be.to_nchw(a)
 
 
-def test_kernel_argument_lists_match_the_source():
-    # Every kernel the backend launches is defined in the source, and vice versa.
-    for name in cupy_gpu.KERNEL_NAMES:
-        assert f'extern "C" __global__ void {name}(' in cupy_gpu.CUDA_SOURCE
-    assert cupy_gpu.CUDA_SOURCE.count('extern "C" __global__') == len(cupy_gpu.KERNEL_NAMES)
+def test_every_kernel_is_defined_once_under_its_name():
+    # Each CudaKernel's source defines exactly the function it is launched by, and the whole
+    # source (both dtypes) defines each kernel once and nothing else.
+    names = [k.name for k in kernels()]
+    assert len(names) == len(set(names)) == 14
+    for k in kernels():
+        assert k.source.count('extern "C" __global__') == 1
+        assert f'extern "C" __global__ void {k.name}(' in k.source
+    for dtype in ("float32", "float64"):
+        src = cuda_source(dtype)
+        assert src.count('extern "C" __global__') == len(names)
+        assert all(src.count(f" void {n}(") == 1 for n in names)
 
 
 @pytest.mark.parametrize("k", [3, 1])
@@ -232,9 +246,144 @@ def test_adam(be, ref):
     np.testing.assert_allclose(v, vr, rtol=1e-6, atol=1e-12)
 
 
+# -- the NaN rule (kernels/base.py): NaN and inf propagate, max-pool: NaN wins ----------------
+
+
+@nan_ok
+def test_relu_keeps_nan_and_its_backward_is_a_product(be, ref):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 4, 6)).astype(be.dtype)
+    x.flat[[0, 5, 9]] = [np.nan, np.inf, -np.inf]
+    dy = rng.standard_normal(x.shape).astype(be.dtype)
+    neg = np.flatnonzero(x.ravel() < 0)[:2]
+    dy.flat[[0, 5, neg[0], neg[1]]] = [1.0, np.nan, np.nan, np.inf]  # NaN/inf where y <= 0 give NaN
+    y, c = be.relu_forward(be.from_nchw(x))
+    dx = be.relu_backward(be.from_nchw(dy), c)
+    yr, cr = ref.relu_forward(x)
+    dxr = ref.relu_backward(dy, cr)
+    assert np.isnan(yr.flat[0]) and np.isnan(dxr.flat[neg]).all()  # what the reference does
+    np.testing.assert_array_equal(_nchw(be, y), yr)
+    np.testing.assert_array_equal(_nchw(be, dx), dxr)
+
+
+@nan_ok
+def test_conv_fused_relu_keeps_a_nan_weight_visible(be, ref):
+    """A NaN weight makes its output channel NaN, not a silent dead (all-zero) channel; an inf pixel
+    spreads as inf or NaN; backward carries both as the reference does."""
+    rng = np.random.default_rng(10)
+    N, Cin, Cout, H, W = 2, 3, 4, 5, 6
+    dt = be.dtype
+    x = rng.standard_normal((N, Cin, H, W)).astype(dt)
+    x[1, 0, 2, 3] = np.inf
+    w = rng.standard_normal((Cout, Cin, 3, 3)).astype(dt)
+    w[2, 1, 0, 2] = np.nan
+    b = rng.standard_normal(Cout).astype(dt)
+    dy = rng.standard_normal((N, Cout, H, W)).astype(dt)
+    y, cache = be.conv2d_forward(be.from_nchw(x), w, b, relu=True)
+    dx, dw, db = be.conv2d_backward(be.from_nchw(dy), cache)
+    yr, cr = ref.conv2d_forward(x, w, b, relu=True)
+    dxr, dwr, dbr = ref.conv2d_backward(dy, cr)
+    assert np.isnan(yr[:, 2]).all()
+    np.testing.assert_allclose(_nchw(be, y), yr, **tol(be))
+    np.testing.assert_allclose(_nchw(be, dx), dxr, **tol(be))
+    np.testing.assert_allclose(dw, dwr, **tol(be))
+    np.testing.assert_allclose(db, dbr, **tol(be))
+
+
+@nan_ok
+def test_maxpool_nan_wins(be, ref):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 2, 4, 8)).astype(be.dtype)
+    nan, inf = np.nan, np.inf
+    windows = {  # window (ho, wo) of sample 0, channel 0: values in window order -> the argmax
+        (0, 0): ([1, nan, 3, nan], 1),
+        (0, 1): ([nan, 2, 3, 4], 0),
+        (0, 2): ([1, 2, nan, 5], 2),
+        (0, 3): ([inf, nan, inf, 1], 1),
+        (1, 0): ([-inf, -inf, -inf, -inf], 0),
+        (1, 1): ([1, inf, 2, inf], 1),
+        (1, 2): ([1, 2, 3, nan], 3),
+        (1, 3): ([nan, nan, nan, nan], 0),
+    }
+    for (ho, wo), (vals, _) in windows.items():
+        x[0, 0, 2 * ho : 2 * ho + 2, 2 * wo : 2 * wo + 2] = np.reshape(vals, (2, 2))
+    dy = rng.standard_normal((2, 2, 2, 4)).astype(be.dtype)
+    dy[1, 1, 0, 0] = np.nan
+    y, c = be.maxpool2x2_forward(be.from_nchw(x))
+    yr, cr = ref.maxpool2x2_forward(x)
+    for (ho, wo), (vals, arg) in windows.items():
+        assert cr.argmax[0, 0, ho, wo] == arg, (vals, cr.argmax[0, 0, ho, wo])  # the reference's rule
+    np.testing.assert_array_equal(_nchw(be, y), yr)
+    np.testing.assert_array_equal(c.argmax.transpose(0, 3, 1, 2), cr.argmax)
+    dx = be.maxpool2x2_backward(be.from_nchw(dy), c)
+    np.testing.assert_array_equal(_nchw(be, dx), ref.maxpool2x2_backward(dy, cr))
+
+
+@nan_ok
+def test_upconv_concat_split_carry_nan(be, ref):
+    rng = np.random.default_rng(12)
+    dt = be.dtype
+    x = rng.standard_normal((2, 3, 3, 4)).astype(dt)
+    x[0, 1, 2, 0] = np.nan
+    w = rng.standard_normal((3, 2, 2, 2)).astype(dt)
+    b = rng.standard_normal(2).astype(dt)
+    dy = rng.standard_normal((2, 2, 6, 8)).astype(dt)
+    dy[1, 0, 5, 7] = np.inf
+    y, c = be.upconv2x2_forward(be.from_nchw(x), w, b)
+    dx, dw, db = be.upconv2x2_backward(be.from_nchw(dy), c)
+    yr, cr = ref.upconv2x2_forward(x, w, b)
+    assert np.isnan(yr[0, :, 4:6, 0:2]).all()
+    for got, want in zip((_nchw(be, y), _nchw(be, dx), dw, db), (yr, *ref.upconv2x2_backward(dy, cr))):
+        np.testing.assert_allclose(got, want, **tol(be))
+    cat = be.concat_channels(be.from_nchw(x), be.from_nchw(x[:, :1]))
+    np.testing.assert_array_equal(_nchw(be, cat), ref.concat_channels(x, x[:, :1]))
+    da, db_ = be.split_channels(cat, 3)
+    np.testing.assert_array_equal(_nchw(be, da), x)
+    np.testing.assert_array_equal(_nchw(be, db_), x[:, :1])
+
+
+@nan_ok
+def test_loss_and_adam_carry_nan(be, ref):
+    rng = np.random.default_rng(13)
+    z = rng.standard_normal((2, 1, 4, 6)).astype(be.dtype)
+    z.flat[:3] = [np.nan, np.inf, -np.inf]
+    y = (rng.random(z.shape) > 0.5).astype(be.dtype)
+    y.flat[1:3] = [0.0, 1.0]  # inf * 0 is NaN; -inf with target 1 is an infinite loss
+    loss, dz = be.sigmoid_bce(z, y)
+    lr, dzr = ref.sigmoid_bce(z, y)
+    assert np.isnan(loss) and np.isnan(lr)
+    np.testing.assert_allclose(dz, dzr, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(be.sigmoid(z), ref.sigmoid(z), rtol=1e-6, atol=1e-30)
+    p, g = (rng.standard_normal((3, 4)).astype(be.dtype) for _ in range(2))
+    g[1, 2] = np.nan
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    pr, mr, vr = p.copy(), m.copy(), v.copy()
+    be.adam_step(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 1)
+    ref.adam_step(pr, g, mr, vr, 1e-3, 0.9, 0.999, 1e-8, 1)
+    assert np.isnan(pr[1, 2]) and np.isfinite(np.delete(pr.ravel(), 6)).all()
+    for got, want in ((p, pr), (m, mr), (v, vr)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+# -- the optional interface methods ----------------------------------------------------------
+
+
+def test_sigmoid_bce_device_leaves_the_loss_as_a_0d_float64(be):
+    rng = np.random.default_rng(14)
+    z = rng.standard_normal((2, 1, 4, 6)).astype(be.dtype)
+    y = (rng.random(z.shape) > 0.5).astype(be.dtype)
+    loss_dev, dz_dev = be.sigmoid_bce_device(z, y)
+    loss, dz = be.sigmoid_bce(z, y)
+    assert np.shape(loss_dev) == () and loss_dev.dtype == np.float64
+    assert float(loss_dev) == loss
+    np.testing.assert_array_equal(dz_dev, dz)
+    with pytest.raises(ValueError, match="shape"):
+        be.sigmoid_bce_device(z, y[:1])
+
+
 def test_dtype_refused():
     with pytest.raises(ValueError, match="float32"):  # refused before cupy is even imported
-        cupy_gpu.CupyBackend("float16")
+        CupyBackend("float16")
 
 
 def test_unet_training_step_matches_reference(be, ref):

@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minunet.kernels.cupy_gpu import cuda_available
+from minunet.kernels.cupy import cuda_status
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="no CUDA device")]
+HAS_GPU, WHY_NOT = cuda_status()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason=WHY_NOT)]
 
 
 @pytest.fixture(scope="module")
 def be():
-    from minunet.kernels.cupy_gpu import CupyBackend
+    from minunet.kernels.cupy import CupyBackend
 
     return CupyBackend("float32")
 
@@ -47,7 +48,7 @@ def test_loss_on_device_matches_float(be):
 
 def test_chunked_conv_matches_and_repeats_bit_for_bit(be):
     """im2col in one chunk or one sample per chunk: same result; each twice: identical bits."""
-    from minunet.kernels.cupy_gpu import CupyBackend
+    from minunet.kernels.cupy import CupyBackend
 
     rng = np.random.default_rng(1)
     x = be.from_nchw(rng.standard_normal((3, 5, 12, 10)).astype(np.float32))

@@ -16,10 +16,12 @@ from minunet.data import (
     cache_key,
     epoch_order,
     find_data,
+    list_images,
     load_arrays,
     make_split,
     read_gray,
     read_name_list,
+    subdir,
 )
 from minunet.errors import DataError
 
@@ -49,6 +51,16 @@ def test_generic_layout_with_and_without_splits(tmp_path):
     assert set(idx.splits) == {"train", "val"}
     sp = make_split(idx)
     assert sp.source == "dataset val split" and len(sp.train) == 4 and len(sp.val) == 2
+
+
+def test_folder_helpers_ignore_case_and_skip_what_is_not_an_image(tmp_path):
+    (tmp_path / "Images").mkdir()
+    for name in ("b.PNG", "a.jpg", ".hidden.png", "notes.txt"):
+        (tmp_path / "Images" / name).write_bytes(b"")
+    (tmp_path / "Images" / "sub.png").mkdir()
+    assert subdir(tmp_path, "images") == tmp_path / "Images" and subdir(tmp_path, "masks") is None
+    assert subdir(tmp_path / "none", "images") is None
+    assert [p.name for p in list_images(subdir(tmp_path, "IMAGES"))] == ["a.jpg", "b.PNG"]
 
 
 def test_val_fraction_split_is_seeded_stratified_and_disjoint(tmp_path):

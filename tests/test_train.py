@@ -13,7 +13,8 @@ import minunet.train as train_mod
 from minunet.checkpoint import load_checkpoint
 from minunet.data import find_data, load_arrays
 from minunet.errors import ConfigError
-from minunet.train import TrainConfig, evaluate_model, train
+from minunet.evaluation import evaluate_model
+from minunet.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

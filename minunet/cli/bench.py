@@ -30,14 +30,11 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, a
     (forward, BCE, backward, Adam) in images/s, its peak memory and, with PyTorch installed,
     the ratio to PyTorch's channels_last step."""
     from minunet import bench as lib
-    from minunet.kernels.base import get_backend
+    from minunet.kernels import open_backend
 
     if size % 2**depth:
         raise click.BadParameter(f"{size} is not divisible by 2**depth = {2**depth}", param_hint="--size")
-    try:
-        be = get_backend(backend, "float32")
-    except (ImportError, ValueError) as exc:
-        raise click.ClickException(f"backend {backend!r} is not available here: {exc}") from exc
+    be, _ = open_backend(backend, "float32")  # a ConfigError becomes one line, exit 2
 
     progress = None if as_json else (lambda msg: click.echo(f"  ... {msg}", err=True))
     result = {"backend": be.name, "shape": f"{batch_size}x1x{size}x{size}", "base": base, "depth": depth}

@@ -1,36 +1,51 @@
-"""Helpers shared by the commands: default paths, progress rendering, model loading."""
+"""Helpers shared by the commands: default paths, options with the library's defaults, progress, model loading."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from minunet.data import MASK_KINDS
+from minunet.train import TrainConfig
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_DATA = ASSETS / "sample"
 DEFAULT_MODEL = ASSETS / "model" / "lung_unet.npz"
+DEFAULT_INFECTION_MODEL = ASSETS / "model" / "infection_unet.npz"
 
 BACKENDS = click.Choice(["auto", "numpy", "numba", "cupy"], case_sensitive=False)
-MASKS = click.Choice(["lung", "infection"], case_sensitive=False)
+MASKS = click.Choice(MASK_KINDS, case_sensitive=False)
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
-def load_model(path, backend_name="auto", base_channels=None, depth=None):
+def config_option(*decls, **kw):
+    """A click option whose default, shown in --help, is TrainConfig's field of the same name
+    (``--batch-size`` is ``batch_size``): the training defaults are written only there, and
+    evaluate and summary share them."""
+    name = decls[0].split("/")[0].lstrip("-").replace("-", "_")
+    default = TRAIN_DEFAULTS[name]
+    return click.option(*decls, default=default, show_default=default is not None, **kw)
+
+
+def load_model(path, backend_name="auto", base_channels=None, depth=None, option="--model"):
     """(model, checkpoint, backend note) from a checkpoint; checks explicit flags against its config."""
     from minunet.checkpoint import load_checkpoint
     from minunet.errors import CheckpointError
-    from minunet.train import resolve_backend
+    from minunet.kernels import open_backend
 
     path = Path(path)
-    if not path.exists() and path == DEFAULT_MODEL:
+    if not path.exists() and path in (DEFAULT_MODEL, DEFAULT_INFECTION_MODEL):
         raise CheckpointError(
-            f"the shipped model {path} is not there (this install has no pretrained model yet): "
-            "pass --model with a checkpoint, e.g. --model runs/sample/best.npz after 'minunet train'"
+            f"the shipped model {path} is not there (this install has no pretrained model of that kind yet): "
+            f"pass {option} with a checkpoint, e.g. {option} runs/sample/best.npz after 'minunet train'"
         )
     ck = load_checkpoint(path)
     ck.check_model_config({"base_channels": base_channels, "depth": depth})
-    backend, note = resolve_backend(backend_name)
+    backend, note = open_backend(backend_name)
     return ck.build_model(backend), ck, note
 
 

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from minunet.cli.common import BACKENDS, DEFAULT_MODEL, MASKS, Bar, load_model
+from minunet.cli.common import BACKENDS, DEFAULT_MODEL, MASKS, TRAIN_DEFAULTS, Bar, config_option, load_model
+from minunet.evaluation import THRESHOLD
 
 
 def choose_split(index, split):
@@ -31,52 +32,60 @@ def choose_split(index, split):
     return split, items
 
 
-def filter_items(items, only):
-    """The items named in ``only``: a text list of names or a run's split.json (its val list)."""
-    import json
+def filter_items(items, only, subset=None):
+    """(items named in ``only``, which list): a text list of names, or a split file (JSON: a run's
+    split.json or a committed split such as covid-qu-ex) whose ``subset`` list is used (default: test
+    when the file has one, else val)."""
     from pathlib import Path
 
-    from minunet.data import _excluded, read_name_list
+    from minunet.data import name_matches, read_name_list, read_split, resolve_split_path
+    from minunet.data.split_files import NAMED
     from minunet.errors import DataError
 
-    path = Path(only)
-    if path.suffix == ".json":
-        try:
-            names = set(json.loads(path.read_text())["val"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DataError(f"{path} is not a run's split.json with a val list: pass one, or a text list") from None
+    path = resolve_split_path(only)
+    if only in NAMED or path.suffix == ".json":
+        parts = read_split(only)
+        subset = subset or ("test" if "test" in parts else "val")
+        if subset not in parts:
+            raise DataError(f"{path} has no {subset} list (it has: {', '.join(parts)}): choose another --subset")
+        names, label = set(parts[subset]), f"{subset} of {path.name}"
     else:
-        names = read_name_list(path)
-    kept = [it for it in items if _excluded(it, names)]
+        if subset:
+            raise DataError(f"--subset needs a split file (JSON), but {path} is a text list of names")
+        names, label = read_name_list(path), Path(only).name
+    kept = [it for it in items if name_matches(it, names)]
     if not kept:  # DATA points below the run's data root: match the tails of the listed names
         tails = {"/".join(n.split("/")[i:]) for n in names for i in range(len(n.split("/")))}
-        kept = [it for it in items if _excluded(it, tails)]
+        kept = [it for it in items if name_matches(it, tails)]
     if not kept:
         raise DataError(f"none of the images in {path} are in this data folder: check DATA and --only")
-    return kept
+    return kept, label
 
 
 @click.command("evaluate")
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("--model", "model_path", type=click.Path(path_type=str), default=str(DEFAULT_MODEL),
               show_default="the shipped lung model", help="Checkpoint (.npz) written by 'minunet train'.")
-@click.option("--mask", type=MASKS, default="lung", show_default=True)
+@config_option("--mask", type=MASKS)
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
               help="[default: test if it has masks, else val, else all]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--size", type=int, default=None, help="Resize to SIZE [default: the size the model was trained at].")
-@click.option("--threshold", type=float, default=0.5, show_default=True)
+@click.option("--threshold", type=float, default=THRESHOLD, show_default=True)
 @click.option("--keep-largest", type=int, default=0, show_default=True,
               help="Keep only the K largest connected components of each prediction (0: all).")
-@click.option("--only", type=click.Path(path_type=str), default=None,
-              help="Score only the images listed: a text file of names, or a run's split.json (its val list).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+@click.option("--only", type=str, default=None,
+              help="Score only the images listed: a text file of names, a run's split.json, or a split file "
+                   "(covid-qu-ex: the committed split).")
+@click.option("--subset", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Which list of the --only split file [default: test if it has one, else val].")
+@config_option("--batch-size", type=int)
+@config_option("--backend", type=BACKENDS)
 @click.option("--base-channels", type=int, default=None, help="Check the checkpoint has this width.")
 @click.option("--depth", type=int, default=None, help="Check the checkpoint has this depth.")
 @click.option("--cache-dir", type=click.Path(path_type=str), default=None)
-def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_largest, only, batch_size, backend,
-                 base_channels, depth, cache_dir):
+def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_largest, only, subset, batch_size,
+                 backend, base_channels, depth, cache_dir):
     """Score a model on DATA: mean per-image Dice and IoU, pooled Dice, per class.
 
     \b
@@ -84,10 +93,12 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
       minunet evaluate "Infection Segmentation Data" --split test
       minunet evaluate data/ --model runs/lung/best.npz --json
       minunet evaluate DATA --model runs/lung/best.npz --only runs/lung/split.json
+      minunet evaluate "Infection Segmentation Data" --only covid-qu-ex --subset test
     """
     from minunet.cli.errors import CliError
     from minunet.data import default_cache_dir, find_data, load_arrays
-    from minunet.train import check_size, evaluate_model
+    from minunet.evaluation import evaluate_model
+    from minunet.model import check_size
 
     if batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {batch_size}")
@@ -96,10 +107,12 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
     index = find_data(data, mask.lower(), require_masks=False)
     split, items = choose_split(index, "all" if only and split is None else split)
     if only:
-        items = filter_items(items, only)
-        split += f" (only {only})"
+        items, label = filter_items(items, only, subset)
+        split += f" (only the {label})"
+    elif subset:
+        raise CliError("--subset chooses a list of the --only split file: give --only too")
     model, ck, note = load_model(model_path, backend.lower(), base_channels, depth)
-    size = size or int(ck.meta.get("train_config", {}).get("size", 256))
+    size = size or int(ck.meta.get("train_config", {}).get("size", TRAIN_DEFAULTS["size"]))
     check_size(size, model.depth)
     bar = Bar()
     arrays = load_arrays(items, size, default_cache_dir() if cache_dir is None else cache_dir or None,
@@ -128,8 +141,18 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, keep_l
     click.echo(f"Dice (pooled)          {s['dice_pooled']:.4f}")
     click.echo(f"IoU  (pooled)          {s['iou_pooled']:.4f}")
     click.echo(f"empty masks            {s['n_empty_masks']}")
+    if index.mask == "infection":
+        click.echo(f"Dice (non-empty masks) {_fmt(s['dice_nonempty'])}   over {s['n_nonempty']} images")
+        click.echo(f"FP image rate          {_fmt(s['fp_image_rate'])}   images with an empty mask and a "
+                   "predicted lesion")
     if len(ev.per_group) > 1 or "all" not in ev.per_group:
-        click.echo(f"{'class':<12} {'images':>6} {'Dice':>7} {'IoU':>7} {'pooled':>7} {'empty':>6}")
+        extra = f" {'Dice-ne':>7} {'FP-img':>7}" if index.mask == "infection" else ""
+        click.echo(f"{'class':<12} {'images':>6} {'Dice':>7} {'IoU':>7} {'pooled':>7} {'empty':>6}{extra}")
         for g, gs in ev.per_group.items():
+            extra = f" {_fmt(gs['dice_nonempty'])} {_fmt(gs['fp_image_rate'])}" if index.mask == "infection" else ""
             click.echo(f"{g:<12} {gs['n_images']:>6} {gs['dice']:>7.4f} {gs['iou']:>7.4f} "
-                       f"{gs['dice_pooled']:>7.4f} {gs['n_empty_masks']:>6}")
+                       f"{gs['dice_pooled']:>7.4f} {gs['n_empty_masks']:>6}{extra}")
+
+
+def _fmt(v):
+    return f"{'-':>7}" if v is None else f"{v:>7.4f}"

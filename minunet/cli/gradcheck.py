@@ -23,12 +23,12 @@ def gradcheck_cmd(backend, depth, seed):
 
     from minunet.cli.errors import CliError
     from minunet.gradcheck import check_network, check_ops, format_table, randomize_biases
+    from minunet.kernels import open_backend
     from minunet.model import UNet
-    from minunet.train import resolve_backend
 
     if not 1 <= depth <= 5:
         raise CliError(f"--depth must be between 1 and 5, got {depth}")
-    be, _ = resolve_backend(backend.lower(), "float64")
+    be, _ = open_backend(backend, "float64")
     click.echo(f"backend {be.name}, float64")
     ops = check_ops(be, seed=seed)
     click.echo("ops (vector-Jacobian products vs central differences, h=1e-6):")

@@ -11,7 +11,7 @@ from minunet.cli.common import BACKENDS, DEFAULT_MODEL, Bar, load_model
 
 def collect_inputs(inputs):
     """Image files from INPUT arguments: files, folders of images, folders with images/, dataset folders."""
-    from minunet.data import IMAGE_EXTS, _list_images, _subdir
+    from minunet.data import IMAGE_EXTS, find_data, list_images, subdir
     from minunet.errors import DataError
 
     files = []
@@ -20,12 +20,10 @@ def collect_inputs(inputs):
         if not p.exists():
             raise DataError(f"input {p} does not exist: pass image files or folders of images")
         if p.is_dir():
-            found = _list_images(p)
-            if not found and _subdir(p, "images") is not None:
-                found = _list_images(_subdir(p, "images"))
+            found = list_images(p)
+            if not found and subdir(p, "images") is not None:
+                found = list_images(subdir(p, "images"))
             if not found:  # a dataset folder (COVID-QU-Ex or split generic): every image in it
-                from minunet.data import find_data
-
                 try:
                     found = [it.image for it in find_data(p, require_masks=False).items()]
                 except DataError:
@@ -61,10 +59,11 @@ def predict_cmd(inputs, out, model_path, threshold, keep_largest, size, batch_si
     from PIL import Image
 
     from minunet.cli.errors import CliError
-    from minunet.data import read_gray, resize_gray
+    from minunet.data import read_gray
+    from minunet.inference import probabilities
+    from minunet.model import check_size
     from minunet.postprocess import keep_largest as keep_k
     from minunet.postprocess import overlay
-    from minunet.train import check_size
 
     if not 0 < threshold < 1:
         raise CliError(f"--threshold must be between 0 and 1, got {threshold}")
@@ -78,18 +77,12 @@ def predict_cmd(inputs, out, model_path, threshold, keep_largest, size, batch_si
     check_size(size, model.depth)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    be = model.backend
     used = set()
     bar = Bar()
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         grays = [read_gray(f) for f in chunk]
-        x = np.stack([resize_gray(g, size) for g in grays]).astype(np.float32)[:, None] / np.float32(255)
-        prob = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x)))), np.float32)[:, 0]
-        for f, g, p in zip(chunk, grays, prob, strict=True):
-            h, w = g.shape
-            if (h, w) != p.shape:  # back to the image's own size, bilinear on the probability
-                p = np.asarray(Image.fromarray(p, mode="F").resize((w, h), Image.BILINEAR))
+        for f, g, p in zip(chunk, grays, probabilities(model, grays, size, batch_size), strict=True):
             m = keep_k(p > threshold, keep_largest)
             name = f.stem
             k = 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from minunet.cli.common import config_option
+
 
 def summary_rows(model, size):
     """(layer, output shape for one image, parameters, FLOPs, activation bytes) in forward order.
@@ -53,10 +55,10 @@ def _human(n, unit=""):
 
 
 @click.command("summary")
-@click.option("--base-channels", type=int, default=16, show_default=True)
-@click.option("--depth", type=int, default=4, show_default=True)
-@click.option("--size", type=int, default=256, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="For the memory total of a batch.")
+@config_option("--base-channels", type=int)
+@config_option("--depth", type=int)
+@config_option("--size", type=int)
+@config_option("--batch-size", type=int, help="For the memory total of a batch.")
 def summary_cmd(base_channels, depth, size, batch_size):
     """Show the U-Net layer by layer: output shape, parameters, FLOPs, activation memory (float32).
 
@@ -66,8 +68,7 @@ def summary_cmd(base_channels, depth, size, batch_size):
       minunet summary --base-channels 32 --depth 5 --size 512
     """
     from minunet.cli.errors import CliError
-    from minunet.model import UNet
-    from minunet.train import check_size
+    from minunet.model import UNet, check_size
 
     if base_channels < 1 or depth < 1 or batch_size < 1:
         raise CliError("--base-channels, --depth and --batch-size must be >= 1")

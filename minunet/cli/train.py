@@ -7,16 +7,24 @@ import dataclasses
 import click
 from click.core import ParameterSource
 
-from minunet.cli.common import BACKENDS, MASKS, SAMPLE_DATA, Bar
+from minunet.cli.common import BACKENDS, MASKS, SAMPLE_DATA, Bar, config_option
 from minunet.cli.errors import CliError
+from minunet.losses import LOSSES
+from minunet.runfolder import load_run_config
+from minunet.train import LR_SCHEDULES, TrainConfig, train
+
+
+def _fmt(v, width, digits):
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
 
 class TrainReporter:
     """Renders train()'s progress events: a bar while an epoch runs, a table row after it."""
 
-    def __init__(self):
+    def __init__(self, mask="lung"):
         self.bar = Bar()
         self.header_done = False
+        self.infection = mask == "infection"  # then also dice_nonempty and fp_image_rate per epoch
 
     def __call__(self, event, **i):
         echo = click.echo
@@ -35,7 +43,8 @@ class TrainReporter:
                  + ("; from cache" if i["cached"] else ""))
         elif event == "epoch_start":
             if not self.header_done:
-                echo(f"{'epoch':>5}  {'train loss':>10}  {'val loss':>8}  {'val Dice':>8}  {'val IoU':>8}  "
+                extra = f"{'Dice-ne':>8}  {'FP-img':>6}  " if self.infection else ""
+                echo(f"{'epoch':>5}  {'train loss':>10}  {'val loss':>8}  {'val Dice':>8}  {'val IoU':>8}  {extra}"
                      f"{'seconds':>8}  {'img/s':>6}")
                 self.header_done = True
             self.epoch, self.epochs = i["epoch"], i["epochs"]
@@ -47,8 +56,10 @@ class TrainReporter:
         elif event == "epoch_end":
             self.bar.clear()
             r = i["row"]
+            extra = (f"{_fmt(r['val_dice_nonempty'], 8, 4)}  {_fmt(r['val_fp_image_rate'], 6, 3)}  "
+                     if self.infection else "")
             echo(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {r['val_loss']:>8.4f}  {r['val_dice']:>8.4f}  "
-                 f"{r['val_iou']:>8.4f}  {r['seconds']:>8.1f}  {r['images_per_s']:>6.1f}"
+                 f"{r['val_iou']:>8.4f}  {extra}{r['seconds']:>8.1f}  {r['images_per_s']:>6.1f}"
                  + ("  *" if i["best"] else ""))
         elif event == "interrupt_requested":
             self.bar.clear()
@@ -62,27 +73,29 @@ class TrainReporter:
 
 @click.command("train")
 @click.argument("data", required=False, type=click.Path(path_type=str))
-@click.option("--mask", type=MASKS, default="lung", show_default=True, help="Which masks to learn.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
-              help="cosine: from lr down to 0 over all epochs.")
-@click.option("--loss", type=click.Choice(["bce", "bce+dice"]), default="bce", show_default=True)
-@click.option("--base-channels", type=int, default=16, show_default=True)
-@click.option("--depth", type=int, default=4, show_default=True)
-@click.option("--size", type=int, default=256, show_default=True, help="Images are resized to SIZE x SIZE.")
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-fraction", type=float, default=0.1, show_default=True,
-              help="Held-out share per class when the data has no Val split.")
-@click.option("--limit", type=int, default=None, help="Use only N images (a seeded pick), for quick runs.")
-@click.option("--augment/--no-augment", default=False, show_default=True,
-              help="Seeded small rotations, shifts and intensity changes.")
-@click.option("--exclude", type=click.Path(path_type=str), default=None,
-              help="Text file of image names to keep out (e.g. minunet/assets/sample/FILES.txt).")
-@click.option("--cache-dir", type=click.Path(path_type=str), default=None,
-              help="Where decoded images are cached [default: $MINUNET_CACHE or ~/.cache/minunet].")
+@config_option("--mask", type=MASKS, help="Which masks to learn.")
+@config_option("--epochs", type=int)
+@config_option("--batch-size", type=int)
+@config_option("--lr", type=float, help="Adam learning rate.")
+@config_option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="cosine: from lr down to 0 over all epochs.")
+@config_option("--loss", type=click.Choice(LOSSES))
+@config_option("--base-channels", type=int)
+@config_option("--depth", type=int)
+@config_option("--size", type=int, help="Images are resized to SIZE x SIZE.")
+@config_option("--backend", type=BACKENDS)
+@config_option("--seed", type=int)
+@config_option("--val-fraction", type=float, help="Held-out share per class when the data has no Val split.")
+@config_option("--limit", type=int, help="Use only N images (a seeded pick), for quick runs.")
+@config_option("--augment/--no-augment", help="Seeded small rotations, shifts and intensity changes.")
+@config_option("--exclude", type=click.Path(path_type=str),
+               help="Text file of image names to keep out (e.g. minunet/assets/sample/FILES.txt).")
+@config_option("--split-file", type=str,
+               help="Train on the train list and validate on the val list of this split file: covid-qu-ex "
+                    "(the committed COVID-QU-Ex split) or a JSON file such as a run's split.json.")
+@config_option("--init", type=click.Path(path_type=str),
+               help="Start from these weights (a checkpoint of the same width and depth), e.g. a lung model.")
+@config_option("--cache-dir", type=click.Path(path_type=str),
+               help="Where decoded images are cached [default: $MINUNET_CACHE or ~/.cache/minunet].")
 @click.option("--no-cache", is_flag=True, help="Decode every time; write no cache.")
 @click.option("--out", type=click.Path(path_type=str), default="runs/train", show_default=True,
               help="Run folder: config.json, history.csv, curves.png, last.npz, best.npz.")
@@ -98,8 +111,6 @@ def train_cmd(ctx, data, **opts):
       minunet train "Infection Segmentation Data" --mask lung --epochs 5 --out runs/lung
       minunet train --resume --out runs/lung
     """
-    from minunet.train import TrainConfig, load_run_config, train
-
     resume, force, no_cache = opts.pop("resume"), opts.pop("force"), opts.pop("no_cache")
     if no_cache:
         opts["cache_dir"] = ""
@@ -116,9 +127,10 @@ def train_cmd(ctx, data, **opts):
     values["mask"] = values["mask"].lower()
     values["backend"] = values["backend"].lower()
     cfg = TrainConfig(data=data, **values)
-    result = train(cfg, TrainReporter(), resume=resume, force=force)
+    result = train(cfg, TrainReporter(cfg.mask), resume=resume, force=force)
     if result.status == "interrupted":
         ctx.exit(130)
     if result.status == "nonfinite":
         raise CliError(result.message)
-    click.echo(f"best val Dice {result.best_dice:.4f} at epoch {result.best_epoch}; run folder {result.out}")
+    what = "score (dice_nonempty x (1 - fp_image_rate))" if cfg.mask == "infection" else "Dice"
+    click.echo(f"best val {what} {result.best_dice:.4f} at epoch {result.best_epoch}; run folder {result.out}")

@@ -19,73 +19,108 @@ Conventions (after cs231n and llm.c):
 - ``*_backward`` returns fresh gradients; the layer adds them into its zeroed
   gradient buffers, so a tensor used twice (the skip connection) receives the
   sum of both gradients by construction.
+
+NaN rule (every backend, every op): NaN and inf propagate, so the training
+loop's non-finite-loss guard sees them and a NaN weight never becomes a silent
+dead channel. Concretely, as the NumPy reference computes it:
+- ReLU forward (fused or not) keeps a NaN: max(NaN, 0) = NaN.
+- ReLU backward is the product dx = dy * [y > 0], not a select: a NaN or inf
+  in dy gives NaN even where y <= 0, and a NaN y counts as "not > 0".
+- Max-pool: a NaN in the window wins. The argmax is the first NaN in window
+  order (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right), else the
+  first maximum (ties -> lowest index), exactly as ``numpy.argmax``.
+- Everything else (convolutions, sums, sigmoid, BCE, Adam, copies) is plain
+  IEEE arithmetic, which propagates NaN by itself.
+
+Required ops are abstract below. Three optional ones (``synchronize``,
+``upload_async``, ``sigmoid_bce_device``) have CPU defaults here, which a GPU
+backend overrides to keep work queued on the device.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from abc import ABC, abstractmethod
+from typing import Any
 
 
-class Backend(Protocol):
-    """What a backend provides. See ``numpy_ref.NumpyBackend`` for the spec."""
+class Backend(ABC):
+    """What a backend provides. ``numpy_ref.NumpyBackend`` is the spec every other one is tested against."""
 
     name: str
     xp: Any  # the array module: numpy or cupy
 
     # -- layout --------------------------------------------------------------
+    @abstractmethod
     def from_nchw(self, x):
         """(N,C,H,W) host or device array -> activation in the backend layout."""
 
+    @abstractmethod
     def to_nchw(self, a):
         """Activation in the backend layout -> (N,C,H,W) array of ``xp``."""
 
+    @abstractmethod
     def asarray(self, a, dtype=None):
         """Host array -> array of ``xp`` (parameters, targets)."""
 
+    @abstractmethod
     def to_host(self, a):
         """Array of ``xp`` -> numpy array."""
 
     # -- convolution (3x3 pad 1, or 1x1 pad 0; stride 1) ---------------------
+    @abstractmethod
     def conv2d_forward(self, x, w, b, relu: bool = False):
         """x (N,Cin,H,W), w (Cout,Cin,k,k), b (Cout) -> (y (N,Cout,H,W), cache).
 
-        y = conv(x, w) + b, then max(y, 0) when ``relu`` (fused)."""
+        y = conv(x, w) + b, then max(y, 0) when ``relu`` (fused; keeps NaN)."""
 
+    @abstractmethod
     def conv2d_backward(self, dy, cache, need_dx: bool = True):
-        """dy (N,Cout,H,W) -> (dx or None, dw (Cout,Cin,k,k), db (Cout))."""
+        """dy (N,Cout,H,W) -> (dx or None, dw (Cout,Cin,k,k), db (Cout)).
+
+        With ReLU fused, dy is first multiplied by [y > 0] (the ReLU backward)."""
 
     # -- ReLU (unfused) -----------------------------------------------------
+    @abstractmethod
     def relu_forward(self, x):
-        """y = max(x, 0) -> (y, cache)."""
+        """y = max(x, 0), NaN kept -> (y, cache)."""
 
+    @abstractmethod
     def relu_backward(self, dy, cache):
-        """dx = dy * [x > 0]."""
+        """dx = dy * [y > 0], a product (NaN or inf in dy stays NaN where y <= 0)."""
 
     # -- 2x2 max-pool, stride 2 ----------------------------------------------
+    @abstractmethod
     def maxpool2x2_forward(self, x):
-        """x (N,C,H,W) -> (y (N,C,H/2,W/2), cache holding the argmax 0..3)."""
+        """x (N,C,H,W) -> (y (N,C,H/2,W/2), cache holding the argmax 0..3; NaN wins)."""
 
+    @abstractmethod
     def maxpool2x2_backward(self, dy, cache):
         """dy (N,C,H/2,W/2) -> dx (N,C,H,W): each dy goes to its window's argmax."""
 
     # -- 2x2 transposed convolution, stride 2 --------------------------------
+    @abstractmethod
     def upconv2x2_forward(self, x, w, b):
         """x (N,Cin,H,W), w (Cin,Cout,2,2), b (Cout) -> (y (N,Cout,2H,2W), cache)."""
 
+    @abstractmethod
     def upconv2x2_backward(self, dy, cache):
         """dy (N,Cout,2H,2W) -> (dx (N,Cin,H,W), dw (Cin,Cout,2,2), db (Cout))."""
 
     # -- skip connection -------------------------------------------------------
+    @abstractmethod
     def concat_channels(self, a, b):
         """a (N,Ca,H,W), b (N,Cb,H,W) -> (N,Ca+Cb,H,W), a's channels first."""
 
+    @abstractmethod
     def split_channels(self, d, ca: int):
         """d (N,Ca+Cb,H,W) -> (d[:, :ca], d[:, ca:]): the adjoint of concat."""
 
     # -- output and loss -----------------------------------------------------
+    @abstractmethod
     def sigmoid(self, z):
         """Elementwise 1 / (1 + exp(-z)), stable for any z (NCHW in and out)."""
 
+    @abstractmethod
     def sigmoid_bce(self, z, y):
         """Fused sigmoid + binary cross-entropy on NCHW logits z and targets y.
 
@@ -95,38 +130,43 @@ class Backend(Protocol):
         """
 
     # -- optimizer -----------------------------------------------------------
+    @abstractmethod
     def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, t):
         """One bias-corrected Adam step (t counts from 1), in place on p, m, v."""
 
+    # -- optional: device queue and input pipeline (CPU defaults) ---------------
+    def synchronize(self):
+        """Wait until all queued device work is done (before timing, or reading results).
 
-def get_backend(name: str = "auto", dtype: str = "float32"):
-    """Return a backend instance by name: numpy, numba, cupy or auto.
+        Default: nothing to wait for; a CPU backend computes each op before it returns."""
+        return None
 
-    ``auto`` picks cupy when a CUDA device answers, else numba.
-    Raises ValueError for an unknown name or a dtype the backend lacks.
-    """
-    name = (name or "auto").lower()
-    if name == "auto":
-        from minunet.kernels.cupy_gpu import cuda_available
+    def upload_async(self, *arrays, slots: int = 2):
+        """Queue the upload of one batch of host arrays; return arrays of ``xp`` at once.
 
-        name = "cupy" if cuda_available() else "numba"
-    if name == "numpy":
-        from minunet.kernels.numpy_ref import NumpyBackend
+        ``xb, yb = be.upload_async(x, y)``; one array in gives one array back, several
+        give a tuple, shapes unchanged (no layout change: call ``from_nchw`` after).
+        Contract: a returned array stays valid until ``slots`` more calls (a GPU backend
+        reuses a ring of ``slots`` device buffers), so call it for batch k+1 after
+        queueing the step that reads batch k.
 
-        return NumpyBackend(dtype)
-    if name == "numba":
-        from minunet.kernels.numba import NumbaBackend
+        Default: ``asarray`` of each, at once (no copy when the array already has the
+        backend's dtype, so do not overwrite a host batch the step still reads)."""
+        out = tuple(self.asarray(a) for a in arrays)
+        return out if len(out) != 1 else out[0]
 
-        return NumbaBackend(dtype)
-    if name == "cupy":
-        from minunet.kernels.cupy_gpu import CupyBackend
+    def sigmoid_bce_device(self, z, y):
+        """As ``sigmoid_bce``, but returns (loss as a 0-d float64 array of ``xp``, dz).
 
-        return CupyBackend(dtype)
-    raise ValueError(f"unknown backend {name!r}: choose auto, numpy, numba or cupy")
+        A GPU backend leaves the loss on the device, so a training loop need not wait
+        for the GPU at every step: call float() on it only when it logs.
+        Default: ``sigmoid_bce``'s float, wrapped as a 0-d array."""
+        loss, dz = self.sigmoid_bce(z, y)
+        return self.xp.asarray(loss, dtype=self.xp.float64), dz
 
 
 def check_dtype(dtype, allowed=("float32", "float64")) -> str:
-    """Normalise a dtype name and refuse the ones a backend does not take."""
+    """Normalise a dtype name and refuse the ones a backend does not take (ValueError)."""
     import numpy as np
 
     name = np.dtype(dtype).name

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minunet.kernels.base import check_dtype
+from minunet.kernels.base import Backend, check_dtype
 
 
 class ConvCache(NamedTuple):
@@ -40,7 +40,7 @@ def _stable_sigmoid(z):
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(z.dtype, copy=False)
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     name = "numpy"
     xp = np
 
@@ -130,7 +130,8 @@ class NumpyBackend:
         )
 
     def maxpool2x2_forward(self, x):
-        """y = max of each 2x2 window; the argmax is the first maximum (ties -> lowest index)."""
+        """y = max of each 2x2 window; the argmax is the first maximum (ties -> lowest index),
+        or the first NaN when there is one (NaN wins, as numpy.argmax)."""
         N, C, H, W = x.shape
         if H % 2 or W % 2:
             raise ValueError(f"max-pool needs even H and W, got {H}x{W}")

@@ -1,0 +1,97 @@
+"""The lesion model's trade-off: dice_nonempty against fp_image_rate as the threshold and the minimum
+lesion area vary (the model card's table, and how the shipped post-processing was chosen).
+
+Run the model once over a list of images (default: the val list of the committed split, which chooses
+the settings; pass ``--subset test`` only for the final figures), then score every combination of
+``--thresholds`` and ``--min-areas`` (a component smaller than that share of the image is dropped,
+``postprocess.drop_small``). Prints one row per combination, overall and for Normal and Non-COVID,
+and the best setting under the fp_image_rate bound.
+
+    python benchmarks/infection_tradeoff.py DATA --model runs/inf/best.npz [--subset val] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from minunet.checkpoint import load_checkpoint
+from minunet.cli.evaluate import filter_items
+from minunet.data import default_cache_dir, find_data, load_arrays
+from minunet.kernels import get_backend
+from minunet.metrics import ScoreAccumulator, selection_score
+from minunet.postprocess import drop_small
+
+
+def probabilities(model, arrays, batch_size=8):
+    """(N, S, S) float32 foreground probabilities at the model's input size."""
+    be = model.backend
+    out = np.empty(arrays.images.shape, np.float32)
+    for s in range(0, len(arrays), batch_size):
+        x = np.asarray(arrays.images[s : s + batch_size]).astype(np.float32)[:, None] / np.float32(255)
+        out[s : s + len(x)] = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x)))))[:, 0]
+    return out
+
+
+def score(prob, masks, groups, threshold, min_area):
+    pred = drop_small(prob > threshold, min_area)
+    overall, per = ScoreAccumulator(), {}
+    overall.add(pred, masks)
+    for g in sorted(set(groups)):
+        idx = [i for i, gg in enumerate(groups) if gg == g]
+        per.setdefault(g, ScoreAccumulator()).add(pred[idx], masks[idx])
+    return overall.summary(), {g: a.summary() for g, a in per.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--only", default="covid-qu-ex")
+    ap.add_argument("--subset", default="val", choices=["train", "val", "test"])
+    ap.add_argument("--thresholds", default="0.3,0.4,0.5,0.6,0.7,0.8")
+    ap.add_argument("--min-areas", default="0,0.005,0.01,0.02,0.04,0.08")
+    ap.add_argument("--fp-bound", type=float, default=0.15)
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    ck = load_checkpoint(a.model)
+    model = ck.build_model(get_backend(a.backend))
+    size = int(ck.meta.get("train_config", {}).get("size", 256))
+    index = find_data(a.data, "infection")
+    items, label = filter_items(index.items("all"), a.only, a.subset)
+    arrays = load_arrays(items, size, default_cache_dir())
+    prob = probabilities(model, arrays)
+    masks = np.asarray(arrays.masks).astype(bool)
+    rows = []
+    print(f"{label}: {len(items)} images at {size}x{size}; model {a.model}")
+    print(f"{'thr':>5} {'min area':>8} {'Dice-ne':>8} {'pooled':>7} {'FP-img':>7} {'FP Normal':>9} "
+          f"{'FP Non-COVID':>12} {'score':>6}")
+    for t in (float(v) for v in a.thresholds.split(",")):
+        for m in (float(v) for v in a.min_areas.split(",")):
+            s, per = score(prob, masks, arrays.groups, t, m)
+            row = {"threshold": t, "min_area": m, "dice_nonempty": s["dice_nonempty"], "dice_pooled": s["dice_pooled"],
+                   "fp_image_rate": s["fp_image_rate"], "score": selection_score(s, "infection"),
+                   "fp_normal": per.get("Normal", {}).get("fp_image_rate"),
+                   "fp_non_covid": per.get("Non-COVID", {}).get("fp_image_rate"),
+                   "dice_nonempty_covid": per.get("COVID-19", {}).get("dice_nonempty")}
+            rows.append(row)
+            print(f"{t:>5.2f} {m:>8.3f} {row['dice_nonempty']:>8.4f} {row['dice_pooled']:>7.4f} "
+                  f"{row['fp_image_rate']:>7.3f} {row['fp_normal'] or 0:>9.3f} {row['fp_non_covid'] or 0:>12.3f} "
+                  f"{row['score']:>6.4f}")
+    ok = [r for r in rows if r["fp_image_rate"] <= a.fp_bound]
+    best = max(ok or rows, key=lambda r: r["dice_nonempty"] if ok else r["score"])
+    print(f"best {'under fp_image_rate <= ' + str(a.fp_bound) if ok else 'score (no setting meets the bound)'}: "
+          f"threshold {best['threshold']}, min area {best['min_area']}: dice_nonempty {best['dice_nonempty']:.4f}, "
+          f"fp_image_rate {best['fp_image_rate']:.3f}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"subset": label, "model": a.model, "rows": rows, "best": best}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""``minunet quantify``: how much of each lung is affected, per X-ray, from the lung and the lesion model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from minunet.cli.common import BACKENDS, DEFAULT_INFECTION_MODEL, DEFAULT_MODEL, Bar, load_model
+
+
+def collect_cases(inputs, only=None, subset=None):
+    """[(image path, reference lung mask or None, reference lesion mask or None)] from INPUT arguments.
+
+    A COVID-QU-Ex folder gives every image with its 'lung masks' and 'infection masks' twins
+    (``only``/``subset`` pick a list of a split file, as for evaluate); files and plain folders
+    give images without references."""
+    from minunet.cli.evaluate import filter_items
+    from minunet.cli.predict import collect_inputs
+    from minunet.data import find_data, subdir
+    from minunet.errors import DataError
+
+    cases = []
+    for arg in inputs:
+        p = Path(arg).expanduser()
+        index = None
+        if p.is_dir():
+            try:
+                index = find_data(p, "infection", require_masks=False)
+            except DataError:
+                index = None
+        if index is None or index.layout != "covid-qu-ex":
+            if only:
+                raise DataError(f"--only needs a COVID-QU-Ex folder, but {p} is not one: drop --only")
+            cases += [(f, None, None) for f in collect_inputs([arg])]
+            continue
+        items = index.items("all")
+        if only:
+            items, _ = filter_items(items, only, subset)
+        for it in items:
+            lung_dir = subdir(it.image.parent.parent, "lung masks")
+            lung = lung_dir / it.image.name if lung_dir is not None else None
+            cases.append((it.image, lung if lung is not None and lung.is_file() else None, it.mask))
+    return cases
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else v
+
+
+@click.command("quantify")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", type=click.Path(path_type=str), required=True,
+              help="Folder for quantify.csv, summary.json and one <name>_quantify.png per image.")
+@click.option("--lung-model", type=click.Path(path_type=str), default=str(DEFAULT_MODEL),
+              show_default="the shipped lung model")
+@click.option("--infection-model", type=click.Path(path_type=str), default=str(DEFAULT_INFECTION_MODEL),
+              show_default="the shipped infection model")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Probability threshold of both models.")
+@click.option("--only", type=str, default=None,
+              help="With a COVID-QU-Ex folder: only the images of a split file (e.g. covid-qu-ex) or name list.")
+@click.option("--subset", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Which list of the --only split file [default: test if it has one, else val].")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+def quantify_cmd(inputs, out, lung_model, infection_model, threshold, only, subset, batch_size, backend):
+    """How much of each lung the lesions cover: a CSV row and a picture per X-ray.
+
+    Runs the lung model and the lesion (infection) model on each image and counts
+    lesion pixels inside the predicted lung. The patient's right lung is on the
+    image's left (frontal view). severity_score (0-8) is a mask-derived extent
+    score after Wong et al. 2020, not a radiologist's reading. Research and
+    teaching only: not for diagnosis. With a COVID-QU-Ex folder the reference
+    masks are scored the same way and summary.json gets an agreement object.
+
+    \b
+    Examples:
+      minunet quantify xray.png --out quant/
+      minunet quantify "Infection Segmentation Data" --only covid-qu-ex --subset test --out quant/
+    """
+    import csv
+    import json
+
+    from PIL import Image
+
+    from minunet.cli.errors import CliError
+    from minunet.data import binarise_mask, read_gray
+    from minunet.inference import probabilities
+    from minunet.quantify import COLUMNS, lung_damage, picture, summarise
+
+    if not 0 < threshold < 1:
+        raise CliError(f"--threshold must be between 0 and 1, got {threshold}")
+    if batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {batch_size}")
+    if subset and not only:
+        raise CliError("--subset chooses a list of the --only split file: give --only too")
+    cases = collect_cases(inputs, only, subset)
+    models = []
+    for path, option in ((lung_model, "--lung-model"), (infection_model, "--infection-model")):
+        model, ck, note = load_model(path, backend.lower(), option=option)
+        if note and not models:
+            click.echo(f"note: {note}", err=True)
+        models.append((model, int(ck.meta.get("train_config", {}).get("size", 256))))
+    has_refs = any(lung is not None and inf is not None for _, lung, inf in cases)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, refs, used, no_lung = [], [], set(), []
+    bar = Bar()
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        grays = [read_gray(f) for f, _, _ in chunk]
+        lung_p, inf_p = ([p > threshold for p in probabilities(m, grays, size, batch_size)] for m, size in models)
+        for (f, ref_lung, ref_inf), g, lung, inf in zip(chunk, grays, lung_p, inf_p, strict=True):
+            d = lung_damage(lung, inf)
+            if d.lung_px == 0:
+                no_lung.append(str(f))
+            row = {"image": str(f), **d.as_dict()}
+            ref = None
+            if ref_lung is not None and ref_inf is not None:
+                ref = lung_damage(binarise_mask(read_gray(ref_lung))[0], binarise_mask(read_gray(ref_inf))[0])
+                row.update(ref_infected_percent=ref.infected_percent, ref_severity_score=ref.severity_score)
+                ref = ref.as_dict()
+            rows.append(row)
+            refs.append(ref)
+            name, k = f.stem, 2
+            while name in used:
+                name, k = f"{f.stem}_{k}", k + 1
+            used.add(name)
+            Image.fromarray(picture(g, lung, inf, d)).save(out / f"{name}_quantify.png")
+        bar.update("quantifying", min(start + batch_size, len(cases)), len(cases))
+    bar.clear()
+    fields = ["image", *COLUMNS] + (["ref_infected_percent", "ref_severity_score"] if has_refs else [])
+    with open(out / "quantify.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k)) for k in fields})
+    summary = summarise(rows, refs if has_refs else None)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if no_lung:
+        click.echo(f"warning: no lung found in {len(no_lung)} image(s) (empty cells in the CSV), e.g. {no_lung[0]}",
+                   err=True)
+    mean = summary["mean_infected_percent"]
+    click.echo(f"quantified {len(rows)} image(s): mean infected share {'-' if mean is None else f'{mean:.1f}%'}; "
+               f"severity histogram (0-8) {summary['severity_histogram']}")
+    if "agreement" in summary:
+        a = summary["agreement"]
+        if a["n"]:
+            click.echo(f"agreement with the reference masks over {a['n']} image(s) with lesions: mean abs error "
+                       f"{a['mae_infected_percent']:.1f} points, severity exact {a['severity_exact']:.2f}, "
+                       f"within 1 {a['severity_within_1']:.2f}")
+    click.echo(f"wrote {out / 'quantify.csv'}, {out / 'summary.json'} and the pictures (not for diagnosis)")

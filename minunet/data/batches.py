@@ -1,0 +1,142 @@
+"""Batches: the seeded order of each epoch, augmentation, and a loader that builds the next batch ahead.
+
+Batches are float32 (B, 1, size, size): images scaled by 1/255, masks 0/1.
+
+Reproducibility: the order of epoch e is ``default_rng([seed, e])``'s
+permutation and batch b's augmentation draws from ``default_rng([seed, e, b])``,
+so any batch of any epoch can be rebuilt without replaying the ones before it
+(a resumed run skips exactly the batches it had done).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from minunet.data.decode import ArraySet
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the n training images in epoch ``epoch`` (0-based): a seeded permutation."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size
+
+
+@dataclass
+class Augment:
+    """Seeded augmentation: a small rotation and shift (image bilinear, mask nearest), then intensity.
+
+    intensity: x -> clip(contrast * x**gamma + brightness, 0, 1)."""
+
+    max_rotate: float = 7.0  # degrees
+    max_shift: float = 0.06  # fraction of the size
+    contrast: float = 0.15  # factor in [1 - c, 1 + c]
+    brightness: float = 0.08  # added, in [-b, b]
+    gamma: float = 0.25  # exponent in [1/(1+g), 1+g]
+
+    def apply(self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        """img uint8 (S,S), mask uint8 (S,S) -> float32 image in [0, 1], uint8 mask."""
+        s = img.shape[-1]
+        angle = rng.uniform(-self.max_rotate, self.max_rotate)
+        tx, ty = (int(round(v)) for v in rng.uniform(-self.max_shift * s, self.max_shift * s, 2))
+        c = rng.uniform(1 - self.contrast, 1 + self.contrast)
+        b = rng.uniform(-self.brightness, self.brightness)
+        g = float(np.exp(rng.uniform(-np.log1p(self.gamma), np.log1p(self.gamma))))
+        im = Image.fromarray(np.ascontiguousarray(img)).rotate(angle, Image.BILINEAR, translate=(tx, ty))
+        mk = Image.fromarray(np.ascontiguousarray(mask)).rotate(angle, Image.NEAREST, translate=(tx, ty))
+        x = np.asarray(im, np.float32) / np.float32(255)
+        x = np.clip(c * np.power(x, g) + b, 0, 1).astype(np.float32)
+        return x, np.asarray(mk, np.uint8)
+
+
+def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None):
+    """x float32 (B,1,S,S) in [0,1] and y float32 (B,1,S,S) in {0,1} for the images ``ids``."""
+    ids = np.asarray(ids)
+    sorted_ids, back = np.sort(ids), np.argsort(np.argsort(ids))  # sorted reads from the memmap, then batch order
+    imgs = np.asarray(data.images[sorted_ids])[back]
+    msks = np.asarray(data.masks[sorted_ids])[back]
+    if augment is None:
+        x = imgs.astype(np.float32) / np.float32(255)
+        y = msks.astype(np.float32)
+    else:
+        x = np.empty(imgs.shape, np.float32)
+        y = np.empty(imgs.shape, np.float32)
+        for k in range(len(ids)):
+            x[k], m = augment.apply(imgs[k], msks[k], rng)
+            y[k] = m
+    return x[:, None], y[:, None]
+
+
+class BatchLoader:
+    """Batches ``start..n_batches-1`` of one epoch, built by a background thread one batch ahead.
+
+    Batch b holds ``order[b*B:(b+1)*B]`` (the last one may be short) and is
+    augmented with ``default_rng([seed, epoch, b])``; iterating yields
+    (b, x, y)."""
+
+    def __init__(self, data: ArraySet, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 augment: Augment | None = None, prefetch: int = 2):
+        self.data, self.batch_size, self.seed, self.epoch = data, batch_size, seed, epoch
+        self.order = epoch_order(len(data), seed, epoch)
+        self.n_batches = num_batches(len(data), batch_size)
+        self.start, self.augment, self.prefetch = start, augment, prefetch
+
+    def batch(self, b: int):
+        ids = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+        rng = np.random.default_rng([self.seed, self.epoch, b])
+        return make_batch(self.data, ids, self.augment, rng)
+
+    def __len__(self):
+        return max(0, self.n_batches - self.start)
+
+    def __iter__(self):
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work():
+            try:
+                for b in range(self.start, self.n_batches):
+                    if not put((b, *self.batch(b))):
+                        return
+                put(None)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+
+        t = threading.Thread(target=work, name="minunet-prefetch", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            t.join(timeout=5)
+
+
+def iter_eval_batches(data: ArraySet, batch_size: int):
+    """(start index, x, y) over every image in order, no augmentation (y is None without masks)."""
+    for s in range(0, len(data), batch_size):
+        ids = np.arange(s, min(s + batch_size, len(data)))
+        x = np.asarray(data.images[ids]).astype(np.float32)[:, None] / np.float32(255)
+        y = None if data.masks is None else np.asarray(data.masks[ids]).astype(np.float32)[:, None]
+        yield s, x, y

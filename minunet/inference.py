@@ -1,0 +1,31 @@
+"""Inference on whole X-rays: resize to the model's size, forward, sigmoid, back to each image's own size.
+
+``predict`` and ``quantify`` both segment through ``probabilities``; nothing
+here keeps anything for a backward pass beyond what ``model.forward`` caches
+for one batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from minunet.data import resize_gray
+
+
+def probabilities(model, grays, size: int, batch_size: int = 8):
+    """Yield, for each (H, W) uint8 image in ``grays``, its float32 (H, W) foreground probability.
+
+    Each image is resized (bilinear) to ``size`` x ``size`` and scaled by 1/255;
+    the probability map is resized back to the image's own size, bilinear."""
+    be = model.backend
+    grays = list(grays)
+    for start in range(0, len(grays), batch_size):
+        chunk = grays[start : start + batch_size]
+        x = np.stack([resize_gray(g, size) for g in chunk]).astype(np.float32)[:, None] / np.float32(255)
+        prob = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x)))), np.float32)[:, 0]
+        for g, p in zip(chunk, prob, strict=True):
+            h, w = g.shape
+            if (h, w) != p.shape:
+                p = np.asarray(Image.fromarray(p, mode="F").resize((w, h), Image.BILINEAR))
+            yield p

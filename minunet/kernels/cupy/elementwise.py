@@ -1,0 +1,165 @@
+"""Elementwise ops on device arrays of any layout: ReLU, channel concat/split, sigmoid, fused BCE.
+
+Channels are the fastest-varying NHWC axis, so neighbouring threads touch
+neighbouring addresses; concat/split of the skip connection are interleaving
+copies, one kernel each.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from minunet.kernels.cupy.cuda import CudaKernel
+
+
+class ReluCache(NamedTuple):
+    y: Any  # the output; x > 0 exactly where y > 0
+
+
+class ElementwiseOps:
+    """ReLU, concat/split, sigmoid and the fused loss. A part of ``CupyBackend`` (backend.py),
+    which provides ``xp``, ``dtype``, ``_launch`` and ``_c``."""
+
+    RELU_FWD = CudaKernel("relu_fwd", r"""
+// y = max(x, 0), a NaN stays NaN
+extern "C" __global__ void relu_fwd(const real* __restrict__ x, real* __restrict__ y, long long total) {
+    GRID_LOOP(idx, total) {
+        y[idx] = relu_keep_nan(x[idx]);
+    }
+}
+""")
+
+    def relu_forward(self, x):
+        """y = max(x, 0) -> (y, cache)."""
+        x = self._c(x)
+        y = self.xp.empty_like(x)
+        self._launch(self.RELU_FWD, x.size, x, y, np.int64(x.size))
+        return y, ReluCache(y)
+
+    RELU_BWD = CudaKernel("relu_bwd", r"""
+// dx = dy * [y > 0]   (y is the ReLU output; y > 0 exactly where its input > 0). A product, as in
+// the reference, not a select: a NaN or inf in dy gives NaN even where y <= 0.
+extern "C" __global__ void relu_bwd(const real* __restrict__ dy, const real* __restrict__ y,
+                                    real* __restrict__ dx, long long total) {
+    GRID_LOOP(idx, total) {
+        dx[idx] = dy[idx] * (y[idx] > (real)0 ? (real)1 : (real)0);
+    }
+}
+""")
+
+    def relu_backward(self, dy, cache):
+        """dx = dy * [y > 0] (0 at the kink)."""
+        dy = self._c(dy)
+        dx = self.xp.empty_like(dy)
+        self._launch(self.RELU_BWD, dx.size, dy, cache.y, dx, np.int64(dx.size))
+        return dx
+
+    CONCAT = CudaKernel("concat_c", r"""
+// out (P, Ca+Cb) = [a (P, Ca) | b (P, Cb)] per pixel (P = N*H*W): channels of a first.
+extern "C" __global__ void concat_c(const real* __restrict__ a, const real* __restrict__ b,
+                                    real* __restrict__ out, long long P, int Ca, int Cb) {
+    const int Ct = Ca + Cb;
+    const long long total = P * Ct;
+    GRID_LOOP(idx, total) {
+        const int c = (int)(idx % Ct);
+        const long long pix = idx / Ct;
+        out[idx] = c < Ca ? a[pix * Ca + c] : b[pix * Cb + (c - Ca)];
+    }
+}
+""")
+
+    def concat_channels(self, a, b):
+        """a (N,H,W,Ca), b (N,H,W,Cb) -> (N,H,W,Ca+Cb), a's channels first."""
+        a, b = self._c(a), self._c(b)
+        N, H, W, Ca = a.shape
+        Cb = b.shape[3]
+        out = self.xp.empty((N, H, W, Ca + Cb), dtype=self.dtype)
+        self._launch(self.CONCAT, out.size, a, b, out, np.int64(N * H * W), np.int32(Ca), np.int32(Cb))
+        return out
+
+    SPLIT = CudaKernel("split_c", r"""
+// The adjoint: da (P, Ca) = d[:, :Ca], db (P, Cb) = d[:, Ca:]. One thread per element of d,
+// each writes exactly one distinct element of da or db.
+extern "C" __global__ void split_c(const real* __restrict__ d, real* __restrict__ da,
+                                   real* __restrict__ db, long long P, int Ca, int Cb) {
+    const int Ct = Ca + Cb;
+    const long long total = P * Ct;
+    GRID_LOOP(idx, total) {
+        const int c = (int)(idx % Ct);
+        const long long pix = idx / Ct;
+        if (c < Ca) da[pix * Ca + c] = d[idx];
+        else db[pix * Cb + (c - Ca)] = d[idx];
+    }
+}
+""")
+
+    def split_channels(self, d, ca):
+        """d (N,H,W,Ca+Cb) -> (d[..., :ca], d[..., ca:]) as fresh arrays: the adjoint of concat."""
+        d = self._c(d)
+        N, H, W, Ct = d.shape
+        ca = int(ca)
+        cb = Ct - ca
+        da = self.xp.empty((N, H, W, ca), dtype=self.dtype)
+        db = self.xp.empty((N, H, W, cb), dtype=self.dtype)
+        self._launch(self.SPLIT, d.size, d, da, db, np.int64(N * H * W), np.int32(ca), np.int32(cb))
+        return da, db
+
+    SIGMOID = CudaKernel("sigmoid_k", r"""
+// Stable sigmoid: exp of a non-positive number only.
+extern "C" __global__ void sigmoid_k(const real* __restrict__ z, real* __restrict__ s, long long total) {
+    GRID_LOOP(idx, total) {
+        const real v = z[idx];
+        const real e = EXP(-FABS(v));
+        s[idx] = v >= (real)0 ? (real)1 / ((real)1 + e) : e / ((real)1 + e);
+    }
+}
+""")
+
+    def sigmoid(self, z):
+        """Elementwise 1 / (1 + exp(-z)), stable for any z (any layout in, same out)."""
+        z = self._c(z)
+        s = self.xp.empty_like(z)
+        self._launch(self.SIGMOID, z.size, z, s, np.int64(z.size))
+        return s
+
+    SIGMOID_BCE = CudaKernel("sigmoid_bce_k", r"""
+// Fused sigmoid + BCE with logits, per element:
+//   lp = max(z,0) - z*y + log1p(exp(-|z|))      dz = (sigmoid(z) - y) / n
+extern "C" __global__ void sigmoid_bce_k(const real* __restrict__ z, const real* __restrict__ y,
+                                         real* __restrict__ lp, real* __restrict__ dz,
+                                         long long total, real n) {
+    GRID_LOOP(idx, total) {
+        const real v = z[idx], t = y[idx];
+        const real e = EXP(-FABS(v));
+        lp[idx] = (v > (real)0 ? v : (real)0) - v * t + LOG1P(e);
+        const real s = v >= (real)0 ? (real)1 / ((real)1 + e) : e / ((real)1 + e);
+        dz[idx] = (s - t) / n;
+    }
+}
+""")
+
+    def sigmoid_bce_device(self, z, y):
+        """As ``sigmoid_bce`` but the loss stays on the device as a 0-d float64 array.
+
+        No host synchronisation: a training loop can keep it and call float() on it
+        only when it logs. (A NaN z makes lp NaN through -z*y and log1p, so the
+        max(z, 0) term needs no NaN care.)"""
+        z = self._c(z)
+        y = self._c(y)
+        if y.shape != z.shape:
+            raise ValueError(f"targets have shape {tuple(y.shape)}, logits {tuple(z.shape)}")
+        lp = self.xp.empty_like(z)
+        dz = self.xp.empty_like(z)
+        self._launch(self.SIGMOID_BCE, z.size, z, y, lp, dz, np.int64(z.size), self.dtype.type(z.size))
+        loss = lp.sum(dtype=np.float64) / z.size
+        return loss, dz
+
+    def sigmoid_bce(self, z, y):
+        """loss = mean(max(z,0) - z*y + log1p(exp(-|z|))); dz = (sigmoid(z) - y) / z.size.
+
+        Returns (loss as a Python float, dz). The float() waits for the GPU; see
+        ``sigmoid_bce_device`` for the variant that does not."""
+        loss, dz = self.sigmoid_bce_device(z, y)
+        return float(loss), dz
