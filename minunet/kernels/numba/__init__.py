@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from minunet.kernels.base import check_dtype
+from minunet.kernels.base import Backend, check_dtype
 from minunet.kernels.numba import adam, conv, elementwise, pool, upconv
 
 
-class NumbaBackend:
+class NumbaBackend(Backend):
     """The fast CPU backend. Activations are NHWC (channels-last) between from_nchw and to_nchw."""
 
     name = "numba"
