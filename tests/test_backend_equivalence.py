@@ -313,16 +313,17 @@ def test_numba_adam_step_refuses_mismatched_shapes():
 
 # -- NaN and inf ------------------------------------------------------------------------
 #
-# The numerics contract (DESIGN.md): NaN and inf propagate through every op, and
-# in max-pool a NaN wins, so the non-finite-loss guard sees them. Each test puts
+# The NaN rule (kernels/base.py, DESIGN.md): NaN and inf propagate through every
+# op, ReLU's backward is a product (a NaN dy stays NaN where y <= 0), and in
+# max-pool a NaN wins, so the non-finite-loss guard sees them. Each test puts
 # NaN and +-inf into an op's inputs and asks for the reference's non-finite
-# positions and values. Left out, because there the backends legitimately
-# differ: a non-finite value that meets a structural zero. ReLU's gradient mask
-# (the reference multiplies, dy * [y > 0] is NaN for a NaN dy; the fast kernels
-# select, 0) and a convolution's zero padding (0 * NaN is formed by a gather
-# over a zero-padded input, not by a scatter or a kernel that skips the
-# padding): so dy is non-finite only where the ReLU is on and away from the
-# border, and a NaN weight is checked in the forward only.
+# positions and values. Left out: a non-finite value that meets a
+# convolution's zero padding, where 0 * NaN is formed by a gather over the
+# zero-padded input (the reference's forward, im2col) and not by a scatter
+# (the reference's dx) or a kernel that skips the padding (numba's direct
+# kernels), so which border pixels turn NaN depends on the formulation. Hence
+# a NaN weight is checked in the forward only, and through the direct kernels
+# dy is non-finite only away from the border (tests/test_numba_direct.py).
 
 
 IGNORE_INVALID = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy's NaN notes
@@ -335,12 +336,12 @@ def _nonfinite(x, *values):
     return x
 
 
-def active_interior(y, k):
-    """(n, c, h, w) of an interior output (k//2 from every border) where y > 0 and finite."""
+def interior(where, k):
+    """(n, c, h, w) of the first True of where (N,C,H,W) at least k//2 from every border."""
     p = k // 2
-    inner = np.zeros(y.shape, bool)
-    inner[:, :, p : y.shape[2] - p, p : y.shape[3] - p] = True
-    return tuple(np.argwhere(inner & np.isfinite(y) & (y > 0))[0])
+    inner = np.zeros(where.shape, bool)
+    inner[:, :, p : where.shape[2] - p, p : where.shape[3] - p] = True
+    return tuple(np.argwhere(inner & where)[0])
 
 
 @IGNORE_INVALID
@@ -362,7 +363,8 @@ def test_conv2d_nonfinite(name, dtype, k, relu, Cin):
     assert np.isnan(y_ref[0, :, 0, 0]).all() and np.isnan(y_ref[:, 2]).all()
 
     dy = rand(rng, y_ref.shape, dtype)
-    dy[active_interior(np.where(np.isnan(y_ref), 0, y_ref) if not relu else y_ref, k)] = np.nan
+    dy[interior(y_ref > 0, k)] = np.nan
+    dy[interior(y_ref == 0 if relu else y_ref < 0, k)] = np.inf  # with ReLU: where it is off, dy * 0 = NaN
     dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
     dx, dw, db = be.conv2d_backward(act_in(be, dy), c)
     assert_nonfinite_close(act_out(be, dx), dx_ref, dtype, "dx")
@@ -386,10 +388,11 @@ def test_relu_nonfinite(name, dtype):
     y, c = be.relu_forward(act_in(be, x))
     assert_nonfinite_close(act_out(be, y), y_ref, dtype, "y")
     assert np.isnan(y_ref.flat[0]) and y_ref.flat[1] == np.inf and y_ref.flat[2] == 0
-    dy = _nonfinite(rand(rng, x.shape, dtype), 1.0, np.nan, 1.0, 1.0, -np.inf)  # non-finite where y > 0
+    # a product: non-finite dy stays non-finite where y > 0 (1, 4) and turns NaN where y <= 0 (2, 3)
+    dy = _nonfinite(rand(rng, x.shape, dtype), 1.0, np.nan, np.nan, np.inf, -np.inf)
     dx_ref = ref.relu_backward(dy, c_ref)
     assert_nonfinite_close(act_out(be, be.relu_backward(act_in(be, dy), c)), dx_ref, dtype, "dx")
-    assert np.isnan(dx_ref.flat[1]) and dx_ref.flat[4] == -np.inf
+    assert np.isnan(dx_ref.flat[1:4]).all() and dx_ref.flat[4] == -np.inf
 
 
 @IGNORE_INVALID

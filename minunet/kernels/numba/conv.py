@@ -192,13 +192,13 @@ def _conv_direct_rows(x, wt, b, relu, y):
 def _relu_mask_colsum(dy, y, dz, out):
     """dz = dy * [y > 0]; out (C,) float64 = sum_m dz[m, :].   dy, y, dz (M, C).
 
-    The mask is a select: where y <= 0 (or y is NaN) dz is exactly 0, whatever dy holds."""
+    A product, as the ReLU backward: a NaN or inf in dy gives NaN even where y <= 0."""
     M, C = dy.shape
     out[:] = 0
-    zero = np.zeros(1, dz.dtype)[0]
+    one, zero = np.ones(1, dz.dtype)[0], np.zeros(1, dz.dtype)[0]
     for m in range(M):
         for o in range(C):
-            v = dy[m, o] if y[m, o] > 0 else zero  # a select, not a branch: y > 0 is a coin toss
+            v = dy[m, o] * (one if y[m, o] > 0 else zero)  # a select of the factor, not a branch: y > 0 is a coin toss
             dz[m, o] = v
             out[o] += v
 

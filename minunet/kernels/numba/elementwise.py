@@ -1,8 +1,9 @@
 """The elementwise ops of the numba backend: ReLU, the skip connection's concat and split,
 sigmoid and the fused sigmoid + BCE loss. Each runs a flat (or per-pixel) kernel over chunks.
 
-NaN and inf propagate: ReLU keeps a NaN (NaN < 0 is false), sigmoid of NaN is
-NaN, and a NaN logit makes the loss NaN.
+NaN and inf propagate (the rule in ``kernels/base.py``): ReLU keeps a NaN
+(NaN < 0 is false), its backward multiplies by the mask (a NaN in dy stays NaN),
+sigmoid of NaN is NaN, and a NaN logit makes the loss NaN.
 """
 
 from __future__ import annotations
@@ -45,12 +46,10 @@ def relu_forward(x):
 
 @njit(**JIT)
 def _relu_bwd(dy, y, dx):
-    """dx = dy * [y > 0], flat arrays: a select, so dx is exactly 0 where y <= 0 (or NaN), whatever dy holds."""
+    """dx = dy * [y > 0], flat arrays: a product, not a select, so a NaN or inf in dy gives NaN where y <= 0."""
+    one, zero = np.ones(1, dx.dtype)[0], np.zeros(1, dx.dtype)[0]
     for i in range(dy.size):
-        if y[i] > 0:
-            dx[i] = dy[i]
-        else:
-            dx[i] = 0
+        dx[i] = dy[i] * (one if y[i] > 0 else zero)
 
 
 def relu_backward(dy, cache):
