@@ -15,10 +15,14 @@ Two ways to the same sums, chosen by shape (``use_direct``):
   8x256x256: 16->16 forward 38 -> 15 ms, backward 94 -> 33 ms. Their source is
   generated (``conv_direct_gen.py``) and checked in (``conv_direct_kernels.py``).
 
-A non-finite value propagates through the sums. Where it meets the zero
-padding the two ways can differ: im2col multiplies the padding (0 * NaN is
-NaN), the direct kernels skip it, so a NaN weight may leave border pixels
-finite there (every pixel that reads real data through it is NaN either way).
+NaN and inf propagate through the sums (the NaN rule in ``kernels/base.py``).
+Only where a non-finite value meets the zero padding does the formulation
+decide: im2col multiplies the padding (0 * NaN is NaN, as the reference's
+forward), the direct kernels skip it (as the reference's input gradient, a
+scatter, does). So a NaN weight may leave border pixels finite in the direct
+forward, or make them NaN in the im2col input gradient where the reference
+has finite values; every pixel that reads real data through it is NaN
+either way.
 """
 
 from __future__ import annotations
