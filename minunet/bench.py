@@ -36,12 +36,6 @@ FLOAT32_RTOL = 1e-4
 CROP = {"n": 2, "h": 64, "w": 64, "size": 4096}  # validation shape: the real one, cut down to these
 
 
-def synchronizer(be):
-    """The backend's ``synchronize`` (optional in the interface: CPU backends finish
-    every op before returning, so theirs is nothing)."""
-    return getattr(be, "synchronize", None)
-
-
 def median_ms(fn, sync=None, repeats=5, warmup=1, budget_s=None):
     """Median wall time of ``fn()`` in ms over ``repeats`` calls after ``warmup`` calls,
     and how many calls were timed.
@@ -128,7 +122,7 @@ def _time(be, case, dims, rng, repeats, budget_s):
     """Forward and backward ms of case at its full shape (the inputs reach be before the clock starts)."""
     inputs, upstream = (case.to_backend(be, a) for a in case.make(rng, np.float32, **dims))
     _, c = case.forward(be, inputs)
-    sync = synchronizer(be)
+    sync = be.synchronize  # nothing on a CPU backend
     out = dict(fwd_ms=median_ms(lambda: case.forward(be, inputs), sync, repeats, budget_s=budget_s)[0], bwd_ms=None)
     if case.backward:
         out["bwd_ms"] = median_ms(lambda: case.backward(be, c, upstream), sync, repeats, budget_s=budget_s)[0]
@@ -191,12 +185,12 @@ def random_batch(batch, size, seed=0):
 
 def minunet_stepper(model, x, y, lr=1e-3):
     """step() -> loss: one training step of ``model`` on the batch (x, y): zero_grad,
-    forward, fused sigmoid+BCE, backward, Adam. A backend with ``sigmoid_bce_device``
-    (cupy) keeps the loss on the device, so the step never waits for the GPU."""
+    forward, fused sigmoid+BCE, backward, Adam. The loss stays on the device
+    (``sigmoid_bce_device``), so on a GPU the step never waits for it."""
     be = model.backend
     opt = Adam(model.params, model.grads, lr=lr, backend=be)
     x, y = be.asarray(x), be.asarray(y)
-    loss_fn = getattr(be, "sigmoid_bce_device", be.sigmoid_bce)
+    loss_fn = be.sigmoid_bce_device
 
     def step():
         model.zero_grad()
@@ -238,7 +232,7 @@ def train_step(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, 
     (minunet / PyTorch time). The two are interleaved step by step so a
     change in machine load hits both alike."""
     be = get_backend(backend, "float32") if isinstance(backend, str) else backend
-    sync = synchronizer(be)
+    sync = be.synchronize  # nothing on a CPU backend
     rss0 = _peak_rss_mb()
     t_start = time.perf_counter()
     x, y = random_batch(batch, size)

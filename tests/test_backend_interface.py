@@ -20,9 +20,10 @@ import minunet.kernels.base as base
 from minunet.errors import ConfigError
 from minunet.kernels import Backend, get_backend, open_backend
 from minunet.kernels.cupy import NO_CUPY, CupyBackend, cuda_status
+from minunet.kernels.numba import NumbaBackend
 from minunet.kernels.numpy_ref import NumpyBackend
 
-NUMBA_MODULE = "minunet.kernels.numba_cpu"  # the module open_backend imports for "numba"
+NUMBA_MODULE = "minunet.kernels.numba"  # the module open_backend imports for "numba"
 
 
 def test_interface_module_imports_nothing_from_minunet():
@@ -35,7 +36,7 @@ def test_interface_module_imports_nothing_from_minunet():
 
 
 def test_backends_implement_every_op():
-    for cls in (NumpyBackend, CupyBackend):
+    for cls in (NumpyBackend, NumbaBackend, CupyBackend):
         assert issubclass(cls, Backend) and not cls.__abstractmethods__, cls
 
     class Incomplete(NumpyBackend):

@@ -3,10 +3,12 @@
 The shape rule sends only the full-resolution U-Net levels (Cin, Cout <= 32,
 Cout a multiple of 16) to the direct kernels, so the small random shapes of
 ``test_backend_equivalence`` never reach them. Here a switch forces the path
-(``_direct_force``) on small images with 16 or 32 output channels, through
+(``conv.direct_force``) on small images with 16 or 32 output channels, through
 every edge case: rows and columns whose taps leave the image, widths smaller
 than a register block of pixels, Cin not a multiple of 4 (the one-channel
-weight-gradient kernel), Cin a multiple of 16 (the direct input gradient).
+weight-gradient kernel), Cin a multiple of 16 (the direct input gradient);
+then NaN and inf through the direct kernels, and that the checked-in kernel
+source is what its generator writes.
 """
 
 from __future__ import annotations
@@ -18,9 +20,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minunet.kernels import numba_cpu
+from minunet.kernels.numba import conv, conv_direct_gen
+from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.opcases import conv2d
-from tests.test_backend_equivalence import assert_close, backend, check_case
+from tests.test_backend_equivalence import (
+    IGNORE_INVALID,
+    act_in,
+    act_out,
+    assert_close,
+    assert_nonfinite_close,
+    backend,
+    check_case,
+    host,
+    interior,
+    rand,
+)
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -35,12 +49,18 @@ shapes = st.tuples(
 
 @contextmanager
 def direct(force):
-    old = numba_cpu._direct_force
-    numba_cpu._direct_force = force
+    old = conv.direct_force
+    conv.direct_force = force
     try:
         yield
     finally:
-        numba_cpu._direct_force = old
+        conv.direct_force = old
+
+
+def _conv_run(be, x, w, b, dy, relu, need_dx=True):
+    y, c = be.conv2d_forward(act_in(be, x), be.asarray(w), be.asarray(b), relu=relu)
+    dx, dw, db = be.conv2d_backward(act_in(be, dy), c, need_dx=need_dx)
+    return act_out(be, y), (act_out(be, dx) if dx is not None else None), host(be, dw), host(be, db)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -52,7 +72,7 @@ def test_direct_conv2d(dtype, k, relu, shape, seed):
     N, Cin, Cout, H, W = shape
     dims = dict(n=N, cin=Cin, cout=Cout, h=H, w=W)
     with direct(True):
-        assert numba_cpu._use_direct(Cin, Cout, k)
+        assert conv.use_direct(Cin, Cout, k)
         (_, grads), _, _ = check_case("numba", dtype, conv2d(k, relu), dims, seed)
         (_, no_dx), _, _ = check_case("numba", dtype, conv2d(k, relu, need_dx=False), dims, seed)
     assert no_dx["x"] is None
@@ -67,7 +87,7 @@ def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin):
     be = backend("numba", dtype)
     inputs, upstream = case.make(np.random.default_rng(Cin), dtype, n=2, cin=Cin, cout=16, h=70, w=258)
     inputs["w"] *= 0.3
-    assert numba_cpu._use_direct(Cin, 16, 3)  # the rule takes these shapes
+    assert conv.use_direct(Cin, 16, 3)  # the rule takes these shapes
     first, again = case.run(be, inputs, upstream), case.run(be, inputs, upstream)
     with direct(False):
         blas = case.run(be, inputs, upstream)
@@ -80,9 +100,65 @@ def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin):
 
 def test_direct_rule():
     """Direct for the full-resolution level's shapes, im2col + BLAS for the deeper ones and 1x1."""
-    assert numba_cpu._direct_force is None
+    assert conv.direct_force is None
     for cin, cout in [(1, 16), (16, 16), (32, 16), (16, 32), (32, 32)]:
-        assert numba_cpu._use_direct(cin, cout, 3)
+        assert conv.use_direct(cin, cout, 3)
     for cin, cout in [(32, 64), (64, 64), (128, 64), (16, 8), (16, 1)]:
-        assert not numba_cpu._use_direct(cin, cout, 3)
-    assert not numba_cpu._use_direct(16, 16, 1)
+        assert not conv.use_direct(cin, cout, 3)
+    assert not conv.use_direct(16, 16, 1)
+
+
+@IGNORE_INVALID
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("Cin", [3, 16])  # 16: the direct input gradient too
+def test_direct_conv2d_nonfinite(dtype, relu, Cin):
+    """NaN and inf in x, b and dy give the reference's non-finite positions through the direct kernels
+    (dy non-finite only away from the border, which the direct kernels skip; see test_backend_equivalence)."""
+    rng = np.random.default_rng(Cin + relu)
+    be, ref = backend("numba", dtype), NumpyBackend(dtype)
+    x, w, b = rand(rng, (2, Cin, 7, 9), dtype), rand(rng, (16, Cin, 3, 3), dtype), rand(rng, 16, dtype)
+    x[0, 0, 0, 0], x[1, Cin - 1, 3, 8], x[1, 0, 6, 4] = np.nan, np.inf, -np.inf
+    b[5] = np.nan
+    y_ref, c_ref = ref.conv2d_forward(x, w, b, relu=relu)
+    dy = rand(rng, y_ref.shape, dtype)
+    dy[interior(y_ref > 0, 3)] = np.nan
+    dy[interior(y_ref == 0 if relu else y_ref < 0, 3)] = np.inf  # with ReLU: where it is off, dy * 0 = NaN
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
+    with direct(True):
+        y, dx, dw, db = _conv_run(be, x, w, b, dy, relu)
+    for what, a, a_ref in [("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref), ("db", db, db_ref)]:
+        assert_nonfinite_close(a, a_ref, dtype, what)
+
+
+@IGNORE_INVALID
+@pytest.mark.parametrize("tap", [(0, 0), (1, 2), (2, 1)])
+def test_direct_conv2d_nan_weight_reaches_every_pixel_that_reads_it(tap):
+    """A NaN weight w[o, c, i, j] makes y[:, o, h, w] NaN wherever that tap reads the image,
+    xpad[h+i-1, w+j-1] inside it. The direct kernels skip the zero padding, so the border pixels
+    whose tap falls there may stay finite (the reference, which multiplies 0 * NaN, has NaN there):
+    those pixels must equal the convolution without that weight."""
+    dtype, (i, j) = "float64", tap
+    rng = np.random.default_rng(i * 3 + j)
+    be, ref = backend("numba", dtype), NumpyBackend(dtype)
+    x, w, b = rand(rng, (2, 4, 6, 7), dtype), rand(rng, (16, 4, 3, 3), dtype), rand(rng, 16, dtype)
+    w[3, 1, i, j] = np.nan
+    with direct(True):
+        y, _ = be.conv2d_forward(act_in(be, x), w, b, relu=True)
+    y = act_out(be, y)
+    H, W = x.shape[2:]
+    reads = np.zeros((H, W), bool)  # the output pixels where tap (i, j) reads inside the image
+    reads[max(0, 1 - i) : min(H, H + 1 - i), max(0, 1 - j) : min(W, W + 1 - j)] = True
+    assert np.isnan(y[:, 3][:, reads]).all()
+    w0 = w.copy()
+    w0[3, 1, i, j] = 0
+    y0, _ = ref.conv2d_forward(x, w0, b, relu=True)
+    finite = ~np.isnan(y)
+    assert finite[:, np.arange(16) != 3].all()
+    assert_close(y[finite], y0[finite], dtype, "y without the NaN weight")
+
+
+def test_generated_kernels_are_current():
+    """conv_direct_kernels.py is exactly what conv_direct_gen.py writes: edit the templates, then
+    regenerate with `python -m minunet.kernels.numba.conv_direct_gen`."""
+    assert conv_direct_gen.OUTPUT.read_text() == conv_direct_gen.source()

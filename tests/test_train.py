@@ -180,7 +180,7 @@ def test_evaluate_model_scores_per_image_and_per_class(data_dir):
 
 
 def test_resume_is_bit_identical_on_numba_too(data_dir, tmp_path):
-    pytest.importorskip("minunet.kernels.numba_cpu")
+    pytest.importorskip("numba")
     kw = dict(backend="numba", epochs=1)
     train(cfg(data_dir, tmp_path / "a", **kw))
 

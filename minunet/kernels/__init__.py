@@ -48,7 +48,7 @@ def open_backend(name: str = "auto", dtype: str = "float32") -> tuple[Backend, s
         if why != NO_CUPY:  # a CPU install (no gpu extra) needs no note on every run
             note = f"no CUDA GPU ({why}): using numba"
     try:
-        from minunet.kernels.numba_cpu import NumbaBackend
+        from minunet.kernels.numba import NumbaBackend
     except ImportError as exc:
         if key == "auto":
             from minunet.kernels.numpy_ref import NumpyBackend

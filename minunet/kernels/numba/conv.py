@@ -1,0 +1,306 @@
+"""Convolution, k x k (k odd, zero padding k//2, stride 1), on NHWC activations.
+
+Two ways to the same sums, chosen by shape (``use_direct``):
+- im2col + GEMM (most shapes): per chunk of image rows, the columns of the
+  chunk go into a per-thread buffer of about 2 MB (it stays in cache), one
+  GEMM writes the output rows, and bias and ReLU are fused in one pass over
+  the rows still in cache. No full-size column buffer is built. The input
+  gradient is the same convolution of dz with the flipped, transposed
+  kernel; the weight gradient is a per-chunk col^T @ dz.
+- direct kernels (few channels: Cin, Cout <= 32, Cout a multiple of 16, the
+  full-resolution U-Net level, where the GEMM is thin and im2col copies the
+  input 9 times): a register block of 4 pixels x 16 outputs summed over taps
+  and input channels (forward and input gradient), and of 4 (or 1) input x 16
+  output channels summed over a chunk's pixels (weight gradient). Measured at
+  8x256x256: 16->16 forward 38 -> 15 ms, backward 94 -> 33 ms. Their source is
+  generated (``conv_direct_gen.py``) and checked in (``conv_direct_kernels.py``).
+
+NaN and inf propagate through the sums (the NaN rule in ``kernels/base.py``).
+Only where a non-finite value meets the zero padding does the formulation
+decide: im2col multiplies the padding (0 * NaN is NaN, as the reference's
+forward), the direct kernels skip it (as the reference's input gradient, a
+scatter, does). So a NaN weight may leave border pixels finite in the direct
+forward, or make them NaN in the im2col input gradient where the reference
+has finite values; every pixel that reads real data through it is NaN
+either way.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import njit
+from numba.core.compiler_lock import global_compiler_lock
+
+from minunet.kernels.numba import threads
+from minunet.kernels.numba.conv_direct_kernels import OB, conv_direct, conv_dw_direct1, conv_dw_direct4
+from minunet.kernels.numba.threads import JIT
+
+
+class ConvCache(NamedTuple):
+    x: np.ndarray  # (N,H,W,Cin) NHWC input
+    w: np.ndarray  # (Cout,Cin,k,k) PyTorch layout
+    y: np.ndarray | None  # (N,H,W,Cout) output after ReLU, when fused
+
+
+# -- im2col + GEMM ---------------------------------------------------------------
+
+
+@njit(**JIT)
+def _im2col(x, r0, r1, k, col):
+    """col[(r-r0)*W + w, (i*k + j)*C + c] = xpad[n, h+i-p, w+j-p, c] for image rows r = n*H + h in [r0, r1).
+
+    x (N,H,W,C) NHWC; col ((r1-r0)*W, k*k*C); zero padding p = k//2. For a
+    fixed (pixel, i) the k taps j are k*C contiguous values of x's row h+i-p,
+    so a pixel's column is k contiguous copies."""
+    N, H, W, C = x.shape
+    p = k // 2
+    kc = k * C
+    kkc = k * kc
+    xf = x.reshape(N * H * W * C)
+    cf = col.reshape(col.size)
+    for r in range(r0, r1):
+        n = r // H
+        h = r - n * H
+        for i in range(k):
+            hs = h + i - p
+            for w in range(W):
+                d = ((r - r0) * W + w) * kkc + i * kc
+                if hs < 0 or hs >= H:
+                    cf[d : d + kc] = 0
+                    continue
+                s = ((n * H + hs) * W + w - p) * C  # x[n, hs, w-p, 0]; only taps inside [0, W) are read
+                jlo = max(0, p - w)
+                jhi = min(k, W - w + p)
+                if C >= 8:
+                    cf[d : d + jlo * C] = 0
+                    cf[d + jlo * C : d + jhi * C] = xf[s + jlo * C : s + jhi * C]
+                    cf[d + jhi * C : d + kc] = 0
+                else:  # few channels: a plain loop beats slice copies
+                    for t in range(kc):
+                        if jlo * C <= t < jhi * C:
+                            cf[d + t] = xf[s + t]
+                        else:
+                            cf[d + t] = 0
+
+
+@njit(**JIT)
+def _matmul_small_k(a, b, out):
+    """out (M, N) = a (M, K) @ b (K, N) for a small K (BLAS is slow there: K = 1 takes numpy's slow path)."""
+    M, K = a.shape
+    N = b.shape[1]
+    for m in range(M):
+        for o in range(N):
+            out[m, o] = 0
+        for c in range(K):
+            v = a[m, c]
+            for o in range(N):
+                out[m, o] += v * b[c, o]
+
+
+@njit(**JIT)
+def _bias_act(y, b, relu):
+    """In place on y (M, Cout): y += b, then max(y, 0) when relu (NaN stays NaN: NaN < 0 is false)."""
+    M, C = y.shape
+    for m in range(M):
+        for o in range(C):
+            v = y[m, o] + b[o]
+            if relu and v < 0:
+                y[m, o] = 0
+            else:
+                y[m, o] = v
+
+
+def _conv_rows(x, wmat, k, b, relu, out2d):
+    """out2d (P, Cout) = im2col(x) @ wmat (+ b, then ReLU), chunk by chunk of image rows.
+
+    x (N,H,W,Cin) NHWC; wmat (k*k*Cin, Cout) with rows ordered (i, j, c); b None for no bias."""
+    N, H, W, Cin = x.shape
+    K = wmat.shape[0]
+
+    def chunk(r0, r1):
+        yc = out2d[r0 * W : r1 * W]  # (rows*W, Cout)
+        if k == 1:
+            rows = x.reshape(N * H * W, Cin)[r0 * W : r1 * W]
+            if K < 8:
+                _matmul_small_k(rows, wmat, yc)
+            else:
+                np.dot(rows, wmat, out=yc)
+        else:
+            col = threads.tls_buffer((per * W, K), x.dtype)[: (r1 - r0) * W]
+            _im2col(x, r0, r1, k, col)
+            np.dot(col, wmat, out=yc)
+        if b is not None:
+            _bias_act(yc, b, relu)
+
+    per = max(1, threads.COL_ELEMS // (W * K))
+    threads.run(chunk, threads.ranges(N * H, per))
+
+
+# -- direct kernels (few channels) -------------------------------------------------
+
+MAX_DIRECT_C = 32  # the rule: the direct path when Cin, Cout <= 32 (and OB divides Cout)
+direct_force = None  # None: the rule; True/False: always/never the direct path where the blocks fit (tests)
+
+
+def use_direct(Cin, Cout, k):
+    """The direct kernels: k > 1, Cout a multiple of OB (16), and (by the rule, unless forced) Cin, Cout <= 32."""
+    if k == 1 or Cout % OB:
+        return False
+    if direct_force is not None:
+        return direct_force
+    return Cin <= MAX_DIRECT_C and Cout <= MAX_DIRECT_C
+
+
+def compile_with_slp(kernel, *args):
+    """Compile kernel for these arguments' types (or load it from the cache) with LLVM's SLP
+    vectoriser switched on, before the pool's threads call it.
+
+    The direct kernels' register blocks are rows of scalar variables that only
+    the SLP vectoriser turns into vector registers, and Numba switches SLP off
+    by default (``numba.core.config.SLP_VECTORIZE``). Numba reads the switch
+    when it builds each pass pipeline, so it is on for this one compilation
+    only, under the global compiler lock, which keeps every other compilation
+    from seeing it."""
+    sig = tuple(numba.typeof(a) for a in args)
+    if sig in kernel.overloads:
+        return
+    with global_compiler_lock:
+        if sig in kernel.overloads:
+            return
+        old = numba.core.config.SLP_VECTORIZE
+        numba.core.config.SLP_VECTORIZE = 1
+        try:
+            kernel.compile(sig)
+        finally:
+            numba.core.config.SLP_VECTORIZE = old
+
+
+def _conv_direct_rows(x, wt, b, relu, y):
+    """y (N,H,W,Cout) = conv(x, wt) + b (then ReLU) with conv_direct, chunk by chunk of image rows.
+
+    x (N,H,W,Cin) NHWC; wt (k,k,Cin,Cout), wt[i,j,c,o] = w[o,c,i,j]; b (Cout,)."""
+    N, H, W, Cin = x.shape
+    relu = bool(relu)
+    compile_with_slp(conv_direct, x, wt, b, relu, y, 0, 1)
+    per = max(1, threads.ELEMS // (W * max(Cin, wt.shape[3])))
+    threads.run(lambda r0, r1: conv_direct(x, wt, b, relu, y, r0, r1), threads.ranges(N * H, per))
+
+
+# -- gradients --------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _relu_mask_colsum(dy, y, dz, out):
+    """dz = dy * [y > 0]; out (C,) float64 = sum_m dz[m, :].   dy, y, dz (M, C).
+
+    A product, as the ReLU backward: a NaN or inf in dy gives NaN even where y <= 0."""
+    M, C = dy.shape
+    out[:] = 0
+    one, zero = np.ones(1, dz.dtype)[0], np.zeros(1, dz.dtype)[0]
+    for m in range(M):
+        for o in range(C):
+            v = dy[m, o] * (one if y[m, o] > 0 else zero)  # a select of the factor, not a branch: y > 0 is a coin toss
+            dz[m, o] = v
+            out[o] += v
+
+
+@njit(**JIT)
+def colsum(a, out):
+    """out (C,) float64 = sum_m a[m, :] for a (M, C)."""
+    M, C = a.shape
+    out[:] = 0
+    for m in range(M):
+        for o in range(C):
+            out[o] += a[m, o]
+
+
+def _conv_grads(x, dy2d, y2d, k, dz2d):
+    """Per chunk of image rows: dz = dy * [y > 0] (or dy when y is None) into dz2d, the chunk's
+    db (float64) and dw partial im2col(x)^T @ dz (or the direct kernel's); the partials are
+    added in chunk order. Returns (dwmat (k*k*Cin, Cout), db (Cout,) float64)."""
+    N, H, W, Cin = x.shape
+    Cout = dy2d.shape[1]
+    K = k * k * Cin
+    direct = use_direct(Cin, Cout, k)
+    if direct:  # about 2**18 values of x and dz rows per chunk (1 MB in float32; measured 16-32 rows best at W 256)
+        per = max(1, threads.ELEMS // (W * (Cin + Cout)))
+        dz4d = dz2d.reshape(N, H, W, Cout)
+        dwk = conv_dw_direct4 if Cin % 4 == 0 else conv_dw_direct1
+        compile_with_slp(dwk, x, dz4d, k, np.zeros((k, k, Cin, Cout), x.dtype), 0, 1)
+    else:
+        per = max(1, threads.COL_ELEMS // (W * K))
+
+    def chunk(r0, r1):
+        lo, hi = r0 * W, r1 * W
+        db = np.empty(Cout, np.float64)
+        if y2d is not None:
+            _relu_mask_colsum(dy2d[lo:hi], y2d[lo:hi], dz2d[lo:hi], db)
+        else:
+            colsum(dz2d[lo:hi], db)
+        if direct:
+            dw = np.zeros((k, k, Cin, Cout), x.dtype)
+            dwk(x, dz4d, k, dw, r0, r1)
+            return dw.reshape(K, Cout), db
+        if k == 1:
+            col = x.reshape(N * H * W, Cin)[lo:hi]
+        else:
+            col = threads.tls_buffer((per * W, K), x.dtype)[: hi - lo]
+            _im2col(x, r0, r1, k, col)
+        return col.T @ dz2d[lo:hi], db
+
+    return threads.sum_in_chunk_order(threads.run(chunk, threads.ranges(N * H, per)))
+
+
+# -- the ops -------------------------------------------------------------------------
+
+
+def conv2d_forward(x, w, b, relu=False):
+    """y[n,h,w,o] = b[o] + sum_{i,j,c} xpad[n,h+i,w+j,c] * w[o,c,i,j], then max(y,0) if relu.
+
+    x (N,H,W,Cin) NHWC, w (Cout,Cin,k,k), k odd, zero pad k//2 -> y (N,H,W,Cout).
+    As a matrix product: Y (P,Cout) = col (P, k*k*Cin) @ Wmat, Wmat[(i,j,c), o] = w[o,c,i,j]."""
+    x = np.ascontiguousarray(x)
+    N, H, W, Cin = x.shape
+    Cout, _, k, _ = w.shape
+    y = np.empty((N, H, W, Cout), x.dtype)
+    b = np.ascontiguousarray(b, dtype=x.dtype)
+    if use_direct(Cin, Cout, k):
+        _conv_direct_rows(x, np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=x.dtype), b, relu, y)
+    else:
+        wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * Cin, Cout), dtype=x.dtype)
+        _conv_rows(x, wmat, k, b, relu, y.reshape(N * H * W, Cout))
+    return y, ConvCache(x, w, y if relu else None)
+
+
+def conv2d_backward(dy, cache, need_dx=True):
+    """dz = dy * [y > 0] (fused ReLU) or dy;
+        db[o]       = sum_{n,h,w} dz[n,h,w,o]
+        dw[o,c,i,j] = sum_{n,h,w} dz[n,h,w,o] * xpad[n,h+i,w+j,c]   (col^T @ dz)
+        dx          = conv(dz, w') with w'[c,o,i,j] = w[o,c,k-1-i,k-1-j]   (the adjoint, pad k//2).
+    dy (N,H,W,Cout) -> (dx (N,H,W,Cin) or None, dw (Cout,Cin,k,k), db (Cout))."""
+    x, w, y = cache
+    N, H, W, Cin = x.shape
+    Cout, _, k, _ = w.shape
+    P = N * H * W
+    dy2d = np.ascontiguousarray(dy).reshape(P, Cout)
+    if y is not None:
+        dz2d = np.empty((P, Cout), x.dtype)
+        dwmat, db = _conv_grads(x, dy2d, y.reshape(P, Cout), k, dz2d)
+    else:
+        dz2d = dy2d
+        dwmat, db = _conv_grads(x, dy2d, None, k, dz2d)
+    dw = np.ascontiguousarray(dwmat.reshape(k, k, Cin, Cout).transpose(3, 2, 0, 1)).astype(w.dtype, copy=False)
+    dx = None
+    if need_dx:
+        # flipped kernel: wflip[(i,j,o), c] = w[o, c, k-1-i, k-1-j]
+        wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1), x.dtype)  # (k,k,Cout,Cin)
+        dx = np.empty((N, H, W, Cin), x.dtype)
+        if use_direct(Cout, Cin, k):
+            _conv_direct_rows(dz2d.reshape(N, H, W, Cout), wflip, np.zeros(Cin, x.dtype), False, dx)
+        else:
+            _conv_rows(dz2d.reshape(N, H, W, Cout), wflip.reshape(k * k * Cout, Cin), k, None, False,
+                       dx.reshape(P, Cin))
+    return dx, dw, db.astype(w.dtype)

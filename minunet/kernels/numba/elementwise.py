@@ -1,0 +1,169 @@
+"""The elementwise ops of the numba backend: ReLU, the skip connection's concat and split,
+sigmoid and the fused sigmoid + BCE loss. Each runs a flat (or per-pixel) kernel over chunks.
+
+NaN and inf propagate (the rule in ``kernels/base.py``): ReLU keeps a NaN
+(NaN < 0 is false), its backward multiplies by the mask (a NaN in dy stays NaN),
+sigmoid of NaN is NaN, and a NaN logit makes the loss NaN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from minunet.kernels.numba import threads
+from minunet.kernels.numba.threads import JIT
+
+
+class ReluCache(NamedTuple):
+    y: np.ndarray  # the output; x > 0 exactly where y > 0
+
+
+# -- ReLU ----------------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _relu_fwd(x, y):
+    """y = max(x, 0), flat arrays; a NaN stays NaN."""
+    for i in range(x.size):
+        v = x[i]
+        if v < 0:
+            y[i] = 0
+        else:
+            y[i] = v
+
+
+def relu_forward(x):
+    """y = max(x, 0)."""
+    xf = np.ascontiguousarray(x).reshape(-1)
+    y = np.empty(x.shape, x.dtype)
+    yf = y.reshape(-1)
+    threads.run(lambda lo, hi: _relu_fwd(xf[lo:hi], yf[lo:hi]), threads.flat_ranges(xf.size))
+    return y, ReluCache(y)
+
+
+@njit(**JIT)
+def _relu_bwd(dy, y, dx):
+    """dx = dy * [y > 0], flat arrays: a product, not a select, so a NaN or inf in dy gives NaN where y <= 0."""
+    one, zero = np.ones(1, dx.dtype)[0], np.zeros(1, dx.dtype)[0]
+    for i in range(dy.size):
+        dx[i] = dy[i] * (one if y[i] > 0 else zero)
+
+
+def relu_backward(dy, cache):
+    """dx = dy * [y > 0] (0 at the kink)."""
+    dyf, yf = np.ascontiguousarray(dy).reshape(-1), cache.y.reshape(-1)
+    dx = np.empty(cache.y.shape, dy.dtype)
+    dxf = dx.reshape(-1)
+    threads.run(lambda lo, hi: _relu_bwd(dyf[lo:hi], yf[lo:hi], dxf[lo:hi]), threads.flat_ranges(dyf.size))
+    return dx
+
+
+# -- skip connection -------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _concat_last(a, b, out):
+    """out[p, :Ca] = a[p], out[p, Ca:] = b[p]; a (P,Ca), b (P,Cb), out (P,Ca+Cb)."""
+    P, Ca = a.shape
+    Cb = b.shape[1]
+    for p in range(P):
+        for c in range(Ca):
+            out[p, c] = a[p, c]
+        for c in range(Cb):
+            out[p, Ca + c] = b[p, c]
+
+
+def concat_channels(a, b):
+    """(N,H,W,Ca), (N,H,W,Cb) -> (N,H,W,Ca+Cb), a's channels first."""
+    N, H, W, Ca = a.shape
+    Cb = b.shape[3]
+    P = N * H * W
+    a2, b2 = np.ascontiguousarray(a).reshape(P, Ca), np.ascontiguousarray(b).reshape(P, Cb)
+    out = np.empty((N, H, W, Ca + Cb), a.dtype)
+    o2 = out.reshape(P, Ca + Cb)
+    chunks = threads.ranges(P, threads.ELEMS // (Ca + Cb))
+    threads.run(lambda lo, hi: _concat_last(a2[lo:hi], b2[lo:hi], o2[lo:hi]), chunks)
+    return out
+
+
+@njit(**JIT)
+def _split_last(d, a, b):
+    """a[p] = d[p, :Ca], b[p] = d[p, Ca:]: the adjoint of the concat."""
+    P, Ca = a.shape
+    Cb = b.shape[1]
+    for p in range(P):
+        for c in range(Ca):
+            a[p, c] = d[p, c]
+        for c in range(Cb):
+            b[p, c] = d[p, Ca + c]
+
+
+def split_channels(d, ca):
+    """(N,H,W,Ca+Cb) -> ((N,H,W,Ca), (N,H,W,Cb)), fresh arrays: the adjoint of concat."""
+    N, H, W, C = d.shape
+    P = N * H * W
+    d2 = np.ascontiguousarray(d).reshape(P, C)
+    a = np.empty((N, H, W, ca), d.dtype)
+    b = np.empty((N, H, W, C - ca), d.dtype)
+    a2, b2 = a.reshape(P, ca), b.reshape(P, C - ca)
+    chunks = threads.ranges(P, threads.ELEMS // C)
+    threads.run(lambda lo, hi: _split_last(d2[lo:hi], a2[lo:hi], b2[lo:hi]), chunks)
+    return a, b
+
+
+# -- output and loss ---------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _sigmoid(z, s):
+    """s = 1/(1+exp(-z)) for z >= 0, exp(z)/(1+exp(z)) otherwise (exp only sees -|z|); flat arrays."""
+    for i in range(z.size):
+        v = z[i]
+        e = np.exp(-abs(v))
+        s[i] = 1 / (1 + e) if v >= 0 else e / (1 + e)
+
+
+def sigmoid(z):
+    """1 / (1 + exp(-z)), written so exp only sees -|z| (NCHW in and out)."""
+    z = np.ascontiguousarray(z)
+    s = np.empty_like(z)
+    zf, sf = z.reshape(-1), s.reshape(-1)
+    threads.run(lambda lo, hi: _sigmoid(zf[lo:hi], sf[lo:hi]), threads.flat_ranges(zf.size))
+    return s
+
+
+@njit(**JIT)
+def _sigmoid_bce(z, y, dz, size):
+    """Per pixel l = max(z,0) - z*y + log1p(exp(-|z|)), dz = (sigmoid(z) - y) / size; returns sum(l) (float64)."""
+    acc = 0.0
+    for i in range(z.size):
+        v = z[i]
+        t = y[i]
+        e = np.exp(-abs(v))
+        acc += (max(v, 0) - v * t) + np.log1p(e)
+        s = 1 / (1 + e) if v >= 0 else e / (1 + e)
+        dz[i] = (s - t) / size
+    return acc
+
+
+def sigmoid_bce(z, y):
+    """loss = mean(max(z,0) - z*y + log1p(exp(-|z|))); dz = (sigmoid(z) - y) / z.size. NCHW.
+
+    z and y must have the same shape (the kernel reads y element for element).
+    The per-chunk sums (float64) are added in chunk order: deterministic."""
+    z = np.ascontiguousarray(z)
+    if np.shape(y) != z.shape:
+        raise ValueError(f"sigmoid_bce: targets y have shape {np.shape(y)}, logits z have {z.shape}: they must match")
+    y = np.ascontiguousarray(y, dtype=z.dtype)
+    dz = np.empty_like(z)
+    zf, yf, dzf = z.reshape(-1), y.reshape(-1), dz.reshape(-1)
+    size = z.dtype.type(z.size)
+    chunks = threads.flat_ranges(zf.size)
+    parts = threads.run(lambda lo, hi: _sigmoid_bce(zf[lo:hi], yf[lo:hi], dzf[lo:hi], size), chunks)
+    total = 0.0
+    for s in parts:
+        total += s
+    return float(total / z.size), dz
