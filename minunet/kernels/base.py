@@ -30,7 +30,11 @@ dead channel. Concretely, as the NumPy reference computes it:
   order (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right), else the
   first maximum (ties -> lowest index), exactly as ``numpy.argmax``.
 - Everything else (convolutions, sums, sigmoid, BCE, Adam, copies) is plain
-  IEEE arithmetic, which propagates NaN by itself.
+  IEEE arithmetic, which propagates NaN by itself. One place where backends
+  may differ: where a non-finite value meets a convolution's zero padding,
+  0 * NaN is NaN for a kernel that multiplies the padding (im2col) and absent
+  for one that skips it (numba's direct kernels), so border pixels may differ
+  in which are NaN; every pixel that actually reads the NaN is NaN everywhere.
 
 Required ops are abstract below. Three optional ones (``synchronize``,
 ``upload_async``, ``sigmoid_bce_device``) have CPU defaults here, which a GPU
