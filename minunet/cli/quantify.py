@@ -12,6 +12,7 @@ from minunet.cli.common import (
     DEFAULT_MODEL,
     Bar,
     check_postprocess,
+    config_option,
     load_model,
     postprocess_of,
     unique_name,
@@ -75,8 +76,8 @@ def _csv_value(v):
               help="With a COVID-QU-Ex folder: only the images of a split file (e.g. covid-qu-ex) or name list.")
 @click.option("--subset", type=click.Choice(["train", "val", "test"]), default=None,
               help="Which list of the --only split file [default: test if it has one, else val].")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+@config_option("--batch-size", type=int)
+@config_option("--backend", type=BACKENDS)
 def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, only, subset, batch_size, backend):
     """How much of each lung the lesions cover: a CSV row and a picture per X-ray.
 
