@@ -99,7 +99,7 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, 
     from PIL import Image
 
     from minunet.cli.errors import CliError
-    from minunet.data import binarise_mask, read_gray
+    from minunet.data import binarise_mask, read_gray, read_mask
     from minunet.inference import probabilities
     from minunet.postprocess import drop_small
     from minunet.quantify import COLUMNS, lung_damage, picture, summarise
@@ -134,7 +134,7 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, 
             row = {"image": str(f), **d.as_dict()}
             ref = None
             if ref_lung is not None and ref_inf is not None:
-                ref = lung_damage(binarise_mask(read_gray(ref_lung))[0], binarise_mask(read_gray(ref_inf))[0])
+                ref = lung_damage(*(binarise_mask(read_mask(m)[0], source=str(m))[0] for m in (ref_lung, ref_inf)))
                 row.update(ref_infected_percent=ref.infected_percent, ref_severity_score=ref.severity_score)
                 ref = ref.as_dict()
             rows.append(row)
