@@ -23,20 +23,20 @@ from minunet.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
-# `minunet train` whose progress hook, after optimizer step STOP_AT (3 steps an epoch here), prints
-# STEPPED and waits (up to 60 s) for the signal the test sends: the signal then lands between two
-# steps, at a known step.
+# `minunet train` whose progress hook, at the STOP_AT-th EVENT (a "batch" event is an optimizer step;
+# 3 steps an epoch here), prints STEPPED and waits (up to 60 s) for the signal the test sends: the
+# signal then lands at a known point, between two steps say.
 PAUSING_TRAIN = textwrap.dedent("""
     import sys, time
     import minunet.cli.train as cli_train
-    stop_at = int(sys.argv.pop(1))
+    stop_at, stop_event = int(sys.argv.pop(1)), sys.argv.pop(1)
     real, asked, steps = cli_train.TrainReporter.__call__, [], []
 
     def hook(self, event, **info):
         real(self, event, **info)
         if event == "interrupt_requested":
             asked.append(event)
-        if event == "batch":
+        if event == stop_event:
             steps.append(1)
             if len(steps) == stop_at:
                 print("STEPPED", flush=True)
@@ -57,10 +57,10 @@ def data(tmp_path_factory):
     return root
 
 
-def start_paused_training(data, out, stop_at, *extra):
-    """A `minunet train` process, paused after optimizer step ``stop_at`` (it holds the run folder)."""
-    args = [sys.executable, "-c", PAUSING_TRAIN, str(stop_at), "train", str(data), "--out", str(out),
-            "--epochs", "2", *TINY, *extra]
+def start_paused_training(data, out, stop_at, event="batch"):
+    """A `minunet train` process, paused at the ``stop_at``-th ``event`` (it holds the run folder)."""
+    args = [sys.executable, "-c", PAUSING_TRAIN, str(stop_at), event, "train", str(data), "--out", str(out),
+            "--epochs", "2", *TINY]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     while line and "STEPPED" not in line:
@@ -95,6 +95,15 @@ def test_sigterm_saves_a_resumable_checkpoint_like_ctrl_c(data, tmp_path):
     r = run("train", data, "--out", tmp_path / "a", "--epochs", "2", *TINY)  # uninterrupted
     assert r.exit_code == 0, r.output
     same_weights(tmp_path / "a" / "last.npz", tmp_path / "b" / "last.npz")
+
+
+def test_sigterm_while_the_data_is_decoded_stops_at_once(data, tmp_path):
+    proc = start_paused_training(data, tmp_path / "run", 1, "decode")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
+    assert "before the first step" in stderr and "epoch" not in stdout, (stdout, stderr)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no checkpoint, no lock left
 
 
 # -- one training per run folder ------------------------------------------------------
@@ -297,16 +306,18 @@ def test_a_model_too_big_for_memory_says_how_much_it_would_need(data, tmp_path):
     assert_one_line_error(r, "--base-channels 100000", "would need", "TB")
 
 
-def test_memory_estimate_counts_weights_adam_and_activations():
-    from minunet.footprint import layer_rows, training_bytes
+@pytest.mark.parametrize("base,depth", [(4, 2), (3, 1), (2, 4)])
+def test_memory_estimate_counts_weights_adam_and_activations(base, depth):
+    from minunet.footprint import layer_rows, training_memory
     from minunet.model import UNet
 
-    model = UNet(1, 4, 2)
-    rows = layer_rows(1, 4, 2, 32)
+    model = UNet(1, base, depth)
+    rows = layer_rows(1, base, depth, 32)
     assert sum(r.params for r in rows) == model.num_params()
     activations = sum(r.activation_bytes for r in rows)
-    need = training_bytes(4, 2, 32, batch_size=3, n_images=10)
-    assert need == 4 * 4 * model.num_params() + 3 * activations + 10 * 2 * 32 * 32
+    need = training_memory(base, depth, 32, batch_size=3, n_images=10)
+    assert need.weights == 4 * 4 * model.num_params() and need.activations == 3 * activations
+    assert need.images == 10 * 2 * 32 * 32 and need.total == sum(need)
 
 
 def test_export_to_a_folder(data, tmp_path):
