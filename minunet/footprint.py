@@ -6,7 +6,10 @@ The layers and widths are model.py's: level i has C * 2**i channels, the bottlen
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
+
+from minunet.errors import ConfigError
 
 FLOAT_BYTES = 4  # float32
 
@@ -74,6 +77,27 @@ def training_memory(base_channels: int, depth: int, size: int, batch_size: int, 
     rows = layer_rows(in_channels, base_channels, depth, size)
     return TrainingMemory(4 * FLOAT_BYTES * sum(r.params for r in rows),
                           batch_size * sum(r.activation_bytes for r in rows), n_images * 2 * size * size)
+
+
+def check_training_memory(base_channels: int, depth: int, size: int, batch_size: int, n_images: int, backend):
+    """Raise ConfigError when ``training_memory`` (a lower bound) exceeds the device's memory: the GPU's
+    for the cupy backend, this machine's RAM otherwise (where it cannot be read: no check)."""
+    need = training_memory(base_channels, depth, size, batch_size, n_images)
+    on_gpu = backend.name == "cupy"
+    try:
+        have = (backend.xp.cuda.Device().mem_info[1] if on_gpu
+                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return
+    total = need.weights + need.activations + (0 if on_gpu else need.images)  # the images stay on the host
+    if total > have:
+        images = "" if on_gpu else f", the decoded images {human(need.images, 'B')}"
+        raise ConfigError(
+            f"--base-channels {base_channels} --depth {depth} --size {size} --batch-size {batch_size} would need "
+            f"at least {human(total, 'B')} of memory (weights, gradients and Adam moments {human(need.weights, 'B')}, "
+            f"the activations of a batch {human(need.activations, 'B')}{images}) but "
+            f"{'the GPU' if on_gpu else 'this machine'} has {human(have, 'B')}: choose a smaller --base-channels, "
+            "--depth, --size or --batch-size ('minunet summary' shows the memory per layer)")
 
 
 def human(n: float, unit: str = "") -> str:

@@ -1,4 +1,4 @@
-"""The training loop: epochs, validation, checkpoints, resume, Ctrl-C.
+"""The training loop: epochs, validation, checkpoints, resume, Ctrl-C and SIGTERM.
 
 ``train(config, progress)`` runs a whole training and writes the run folder
 ``config.out`` (runfolder.py lists its files). ``TrainConfig`` holds every
@@ -23,7 +23,7 @@ in it (``runfolder.lock_run_folder``); temporaries of killed writers are removed
 when the next training starts (``atomicfile``); a file that cannot be written (a
 full disk, a read-only folder) stops the run with an ``OutputError`` that says
 which checkpoint is kept. A model too large for the memory is refused before
-anything is allocated (``footprint.training_memory``).
+anything is allocated (``footprint.check_training_memory``).
 
 Nothing here prints: every event goes to ``progress(event, **info)``, which the
 CLI renders (events: note, backend, data, decode, epoch_start, batch, validate,
@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +57,8 @@ from minunet.data import (
 from minunet.data.split_files import NAMED as NAMED_SPLITS
 from minunet.errors import ConfigError, OutputError
 from minunet.evaluation import evaluate_model
-from minunet.footprint import human, training_memory
+from minunet.footprint import check_training_memory
+from minunet.interrupt import InterruptGuard
 from minunet.kernels import open_backend
 from minunet.losses import LOSSES, loss_and_grad
 from minunet.metrics import selection_score
@@ -87,7 +85,6 @@ LR_SCHEDULES = ("constant", "cosine")
 # BCE and Dice losses are >= 0 and start near 0.7 (a coin flip per pixel); a batch loss above this means
 # logits wrong by thousands on average: the run has diverged, even while the loss is still finite.
 DIVERGED_LOSS = 1e4
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass
@@ -156,27 +153,6 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **{k: _resolved(k, getattr(cfg, k)) for k in PATH_KEYS})
 
 
-def check_memory(cfg: TrainConfig, backend, n_images: int):
-    """Raise ConfigError when the training's memory (a lower bound, ``footprint.training_memory``)
-    exceeds the device's: the GPU's for cupy, this machine's RAM otherwise (unknown: no check)."""
-    need = training_memory(cfg.base_channels, cfg.depth, cfg.size, cfg.batch_size, n_images)
-    on_gpu = backend.name == "cupy"
-    try:
-        have = (backend.xp.cuda.Device().mem_info[1] if on_gpu
-                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError, RuntimeError):
-        return
-    total = need.weights + need.activations + (0 if on_gpu else need.images)
-    if total > have:
-        images = "" if on_gpu else f", the decoded images {human(need.images, 'B')}"
-        raise ConfigError(
-            f"--base-channels {cfg.base_channels} --depth {cfg.depth} --size {cfg.size} --batch-size "
-            f"{cfg.batch_size} would need at least {human(total, 'B')} of memory (weights, gradients and Adam "
-            f"moments {human(need.weights, 'B')}, the activations of a batch {human(need.activations, 'B')}{images}) "
-            f"but {'the GPU' if on_gpu else 'this machine'} has {human(have, 'B')}: choose a smaller "
-            "--base-channels, --depth, --size or --batch-size ('minunet summary' shows the memory per layer)")
-
-
 # -- schedule ------------------------------------------------------------------
 
 
@@ -185,34 +161,6 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     if cfg.lr_schedule == "cosine":
         return cosine_lr(cfg.lr, step, total_steps)
     return cfg.lr
-
-
-class _InterruptGuard:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag (``requested``: the signal's name) checked
-    between steps, so a step is never cut in half; a second signal interrupts at once. Only installs
-    itself in the main thread."""
-
-    def __init__(self, emit):
-        self.requested = ""
-        self.emit = emit
-        self.old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self.old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        self.emit("interrupt_requested", signal=self.requested)
-
-    def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-        return False
 
 
 @dataclass
@@ -267,7 +215,7 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         except OSError as e:
             raise OutputError(f"cannot create the run folder {out} ({e.strerror or e}): choose another --out") \
                 from None
-    with lock_run_folder(out) as stale, _InterruptGuard(emit) as guard:
+    with lock_run_folder(out) as stale, InterruptGuard(emit) as guard:
         if stale:
             emit("note", message=f"removed a stale lock of PID {stale['pid']} (started {stale['started']}; "
                                  "that process no longer runs)")
@@ -287,7 +235,9 @@ class _StopBeforeTraining(Exception):
     """A signal asked to stop while the data was decoded."""
 
 
-def _train_locked(cfg: TrainConfig, out: Path, emit, guard: _InterruptGuard, resume: bool, force: bool):
+def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resume: bool, force: bool):
+    """The training itself, in the locked run folder ``out``: check what --resume continues, decode the
+    data, then the epochs; ``guard.requested`` stops it between steps with a saved last.npz."""
     ck: Checkpoint | None = None
     if resume:
         info = load_run_info(out)
@@ -328,7 +278,8 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: _InterruptGuard, res
         if old is None or old.get("train") != split_json["train"] or old.get("val") != split_json["val"]:
             raise ConfigError(f"--resume: the data in {cfg.data} no longer gives the file lists in "
                               f"{out / 'split.json'}: restore the data or start a new run")
-    check_memory(cfg, backend, len(split.train) + len(split.val))
+    check_training_memory(cfg.base_channels, cfg.depth, cfg.size, cfg.batch_size, len(split.train) + len(split.val),
+                          backend)
     cache_dir = default_cache_dir() if cfg.cache_dir is None else (cfg.cache_dir or None)
 
     def decode_progress(what):
