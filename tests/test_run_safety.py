@@ -327,3 +327,16 @@ def test_export_to_a_folder(data, tmp_path):
     assert_one_line_error(run("export", out / "best.npz", tmp_path / "models"), "models", "folder")
     (tmp_path / "file").write_text("x")
     assert_one_line_error(run("export", out / "best.npz", tmp_path / "file" / "m.npz"), "m.npz")
+
+
+def test_on_the_gpu_the_memory_check_reads_the_gpus_memory():
+    from types import SimpleNamespace
+
+    from minunet.errors import ConfigError
+    from minunet.footprint import check_training_memory
+
+    gpu = SimpleNamespace(mem_info=(0, 8 * 10**9))  # cupy.cuda.Device(): (free, total) bytes
+    cupy_backend = SimpleNamespace(name="cupy", xp=SimpleNamespace(cuda=SimpleNamespace(Device=lambda: gpu)))
+    check_training_memory(16, 4, 256, 8, 10**6, cupy_backend)  # 131 GB of decoded images stay on the host
+    with pytest.raises(ConfigError, match="but the GPU has 8.00 GB"):
+        check_training_memory(16, 4, 256, 512, 10, cupy_backend)
