@@ -7,27 +7,34 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from minunet.atomicfile import atomic_write
+
 
 def draw_curves(path: Path, rows):
-    """Two panels, drawn with Pillow: loss (train, val) and Dice/IoU (val) per epoch."""
+    """Two panels, drawn with Pillow: loss (train, val) per epoch on an axis fitted to it, and Dice/IoU
+    (val) on a fixed 0-1 axis, so that a run's scores read the same at every epoch and across runs."""
     W, H, pad = 980, 400, 56
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     epochs = [r["epoch"] for r in rows]
-    panels = [
-        ("loss", [("train loss", "train_loss", (31, 119, 180)), ("val loss", "val_loss", (255, 127, 14))]),
-        ("validation score", [("val Dice", "val_dice", (44, 160, 44)), ("val IoU", "val_iou", (148, 103, 189))]),
+    panels = [  # (title, series, fixed y range or None)
+        ("loss", [("train loss", "train_loss", (31, 119, 180)), ("val loss", "val_loss", (255, 127, 14))], None),
+        ("validation score", [("val Dice", "val_dice", (44, 160, 44)), ("val IoU", "val_iou", (148, 103, 189))],
+         (0.0, 1.0)),
     ]
     pw = W // 2
-    for k, (title, series) in enumerate(panels):
+    for k, (title, series, fixed) in enumerate(panels):
         x0, x1, y0, y1 = k * pw + pad, (k + 1) * pw - 20, 34, H - 44
         vals = [r[key] for _, key, _ in series for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
-        if hi - lo < 1e-9:
-            lo, hi = lo - 0.5, hi + 0.5
-        span = hi - lo
-        lo, hi = lo - 0.05 * span, hi + 0.05 * span
+        if fixed:
+            lo, hi = fixed
+        else:
+            lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+            if hi - lo < 1e-9:
+                lo, hi = lo - 0.5, hi + 0.5
+            span = hi - lo
+            lo, hi = lo - 0.05 * span, hi + 0.05 * span
         e0, e1 = (min(epochs), max(epochs)) if epochs else (1, 1)
         if e1 == e0:
             e0, e1 = e0 - 1, e1 + 1
@@ -58,6 +65,4 @@ def draw_curves(path: Path, rows):
             ly = (y0 + 8 if k == 0 else y1 - 8 - 16 * len(series)) + 16 * j
             d.line([lx, ly + 6, lx + 18, ly + 6], fill=color, width=3)
             d.text((lx + 24, ly), label, fill=(0, 0, 0), font=font)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -9,21 +9,21 @@ Layout of the archive (``np.savez``, no pickles; ``np.savez_compressed`` for an 
     param/<name>         every model parameter (float32, or float16 for a shipped model)
     adam_m/<name>, adam_v/<name>   Adam's moments (absent in weights-only files)
 
-Writes go to a temporary file in the same folder, then ``os.replace``: a
-crash or Ctrl-C mid-write leaves the previous checkpoint intact.
+Writes go to a temporary file in the same folder, then ``os.replace``
+(``atomicfile.atomic_write``): a crash, a kill, Ctrl-C or a full disk mid-write
+leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from minunet.atomicfile import atomic_write
 from minunet.errors import CheckpointError
 
 MAGIC = "minunet-checkpoint"
@@ -61,23 +61,7 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None, 
             arrays[f"adam_m/{name}"] = state["m"][name]
             arrays[f"adam_v/{name}"] = state["v"][name]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    # Mode 0o666 and no chmod: the kernel applies the umask, so the checkpoint gets the permissions
-    # of any file the user writes (tempfile.mkstemp would make it 0o600). O_EXCL: never reuse a name.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays))
 
 
 # -- export: what a shipped model keeps of its training record ---------------------------------

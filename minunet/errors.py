@@ -23,6 +23,10 @@ class ConfigError(MinunetError):
     """Settings that cannot work together (e.g. a size not divisible by 2**depth)."""
 
 
+class OutputError(MinunetError):
+    """A file or folder that cannot be written: an --out that is a file or read-only, a full disk."""
+
+
 class MinunetWarning(UserWarning):
     """Something the user should know that does not stop the work (e.g. a cache that cannot be written).
 

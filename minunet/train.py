@@ -1,4 +1,4 @@
-"""The training loop: epochs, validation, checkpoints, resume, Ctrl-C.
+"""The training loop: epochs, validation, checkpoints, resume, Ctrl-C and SIGTERM.
 
 ``train(config, progress)`` runs a whole training and writes the run folder
 ``config.out`` (runfolder.py lists its files). ``TrainConfig`` holds every
@@ -11,21 +11,35 @@ run rebuilds exactly the batches still to do and ends with the same weights,
 bit for bit, as an uninterrupted run on the same backend (so ``--resume``
 refuses another one; ``auto`` is compared by the backend it resolved to).
 
+``--resume --lr X`` is the one exception to "the same settings": it continues a run
+(after a diverged one, say) with another learning rate, and records where
+(``changes`` in config.json and in the checkpoint): from there the run is no
+longer bitwise comparable with one that kept the old rate.
+
+The operating system: Ctrl-C (SIGINT) and SIGTERM (schedulers, ``docker stop``,
+``timeout``) finish the current step, save a resumable last.npz and stop (a
+second signal stops at once); the run folder is locked while a training writes
+in it (``runfolder.lock_run_folder``); temporaries of killed writers are removed
+when the next training starts (``atomicfile``); a file that cannot be written (a
+full disk, a read-only folder) stops the run with an ``OutputError`` that says
+which checkpoint is kept. A model too large for the memory is refused before
+anything is allocated (``footprint.check_training_memory``).
+
 Nothing here prints: every event goes to ``progress(event, **info)``, which the
-CLI renders (events: backend, data, decode, epoch_start, batch, validate,
-epoch_end, interrupt_requested, interrupted, nonfinite, done).
+CLI renders (events: note, backend, data, decode, epoch_start, batch, validate,
+epoch_end, interrupt_requested, interrupted, nonfinite, diverged, done).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from minunet import __version__
+from minunet.atomicfile import remove_stale_temporaries
 from minunet.charts import draw_curves
 from minunet.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from minunet.data import (
@@ -40,21 +54,37 @@ from minunet.data import (
     read_exclude,
     split_from_file,
 )
-from minunet.errors import ConfigError, DataError
+from minunet.data.split_files import NAMED as NAMED_SPLITS
+from minunet.errors import ConfigError, DataError, OutputError
 from minunet.evaluation import evaluate_model
+from minunet.footprint import check_training_memory
+from minunet.interrupt import InterruptGuard
 from minunet.kernels import open_backend
 from minunet.losses import LOSSES, loss_and_grad
 from minunet.metrics import selection_score
 from minunet.model import UNet, check_size
 from minunet.optim import Adam, cosine_lr
-from minunet.runfolder import load_run_info, load_run_split, write_history, write_run_info
+from minunet.runfolder import (
+    check_resumable,
+    load_run_info,
+    load_run_split,
+    lock_run_folder,
+    write_history,
+    write_run_info,
+)
 
-# Settings that fix the sequence of updates: a resumed run must use the same ones.
+# Settings that fix the sequence of updates: a resumed run must use the same ones, except those
+# that --resume may change (recorded under "changes": the run stops being bitwise comparable there).
 DETERMINISTIC_KEYS = (
     "data", "mask", "batch_size", "lr", "lr_schedule", "loss", "base_channels", "depth", "size",
     "seed", "val_fraction", "limit", "augment", "exclude", "split_file", "init",
 )
+RESUME_MAY_CHANGE = ("lr",)
+PATH_KEYS = ("data", "exclude", "split_file", "init")  # stored resolved, so a run resumes from any folder
 LR_SCHEDULES = ("constant", "cosine")
+# BCE and Dice losses are >= 0 and start near 0.7 (a coin flip per pixel); a batch loss above this means
+# logits wrong by thousands on average: the run has diverged, even while the loss is still finite.
+DIVERGED_LOSS = 1e4
 
 
 @dataclass
@@ -89,6 +119,7 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
             (self.base_channels >= 1, f"--base-channels must be >= 1, got {self.base_channels}"),
             (self.depth >= 1, f"--depth must be >= 1, got {self.depth}"),
@@ -104,6 +135,22 @@ class TrainConfig:
         check_size(self.size, self.depth)
 
 
+def _resolved(key: str, value):
+    """A path setting as an absolute path without symlinks (a committed split's name stays a name)."""
+    if value is None or (key == "split_file" and value in NAMED_SPLITS):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def _comparable(key: str, value):
+    """A setting as --resume compares it: paths resolved (a run saved before they were stored resolved
+    compares its relative paths as seen from here)."""
+    return _resolved(key, value) if key in PATH_KEYS else value
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its data, --exclude, --split-file and --init paths resolved (``PATH_KEYS``)."""
+    return dataclasses.replace(cfg, **{k: _resolved(k, getattr(cfg, k)) for k in PATH_KEYS})
 
 
 # -- schedule ------------------------------------------------------------------
@@ -116,57 +163,87 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr
 
 
-class _InterruptGuard:
-    """Turns the first Ctrl-C into a flag checked between steps (so a step is never cut in half);
-    a second Ctrl-C interrupts at once. Only installs itself in the main thread."""
-
-    def __init__(self, emit):
-        self.requested = False
-        self.emit = emit
-        self.old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.emit("interrupt_requested")
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-        return False
-
-
 @dataclass
 class TrainResult:
-    status: str  # "done", "interrupted" or "nonfinite"
+    status: str  # "done", "interrupted", "nonfinite" or "diverged"
     out: Path
     history: list = field(default_factory=list)
     best_dice: float = float("nan")
     best_epoch: int = 0
     message: str = ""
+    stopped_by: str = ""  # for "interrupted": the signal, "SIGINT" (Ctrl-C) or "SIGTERM"
 
 
 def _json_config(cfg: TrainConfig) -> dict:
     return asdict(cfg)
 
 
+def _position(state: dict) -> str:
+    """Where a checkpoint of ``state`` stands, in words."""
+    if state["batch"]:
+        return f"epoch {state['epoch'] + 1}, batch {state['batch']}"
+    return f"end of epoch {state['epoch']}" if state["epoch"] else "before the first step"
+
+
+def _smaller_lr_advice(cfg: TrainConfig, out: Path, saved_at: str | None) -> str:
+    """What to do after a non-finite or diverged loss: go on from the last checkpoint with a tenth of the lr."""
+    lr = f"{cfg.lr / 10:g}"
+    if saved_at is not None:
+        return (f"the last good checkpoint is {out / 'last.npz'} ({saved_at}): continue from it with a smaller "
+                f"learning rate: minunet train --resume --out {out} --lr {lr}")
+    # With --force, the last.npz still in the folder belongs to the old run.
+    force = " --force" if (out / "last.npz").exists() else ""
+    return ("no checkpoint was saved yet (the first one is written when epoch 1 ends): start again with a "
+            f"smaller learning rate, e.g. --lr {lr}{force}")
+
+
 def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = False) -> TrainResult:
-    """Train a UNet as ``cfg`` says; ``resume`` continues the run in ``cfg.out``."""
+    """Train a UNet as ``cfg`` says; ``resume`` continues the run in ``cfg.out``.
+
+    The run folder is checked (a folder, writable) and locked before anything is decoded or trained."""
     emit = progress or (lambda event, **info: None)
     cfg.validate()
+    cfg = resolve_paths(cfg)
     out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder: choose another --out")
+    if resume:
+        check_resumable(out)
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the run folder {out} ({e.strerror or e}): choose another --out") \
+                from None
+    with lock_run_folder(out) as stale, InterruptGuard(emit) as guard:
+        if stale:
+            emit("note", message=f"removed a stale lock of PID {stale['pid']} (started {stale['started']}; "
+                                 "that process no longer runs)")
+        removed = remove_stale_temporaries(out)
+        if removed:
+            emit("note", message=f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left "
+                                 f"in {out} by processes that no longer run")
+        try:
+            return _train_locked(cfg, out, emit, guard, resume, force)
+        except _StopBeforeTraining:
+            msg = f"interrupted ({guard.requested}) before the first step: nothing to save"
+            emit("interrupted", epoch=0, batch=0, message=msg)
+            return TrainResult("interrupted", out, message=msg, stopped_by=guard.requested)
+
+
+class _StopBeforeTraining(Exception):
+    """A signal asked to stop while the data was decoded."""
+
+
+def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resume: bool, force: bool):
+    """The training itself, in the locked run folder ``out``: check what --resume continues, decode the
+    data, then the epochs; ``guard.requested`` stops it between steps with a saved last.npz."""
     ck: Checkpoint | None = None
     if resume:
         info = load_run_info(out)
         saved = info["train"]
         diffs = [f"{k} {getattr(cfg, k)!r} (the run has {saved.get(k)!r})" for k in DETERMINISTIC_KEYS
-                 if saved.get(k) != getattr(cfg, k)]
+                 if k not in RESUME_MAY_CHANGE and _comparable(k, saved.get(k)) != getattr(cfg, k)]
         if diffs:
             raise ConfigError(f"--resume: the flags do not match the run in {out}: {', '.join(diffs)}; "
                               "drop those flags to continue the run as it was")
@@ -182,7 +259,6 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         init = load_checkpoint(cfg.init)
         init.check_model_config({"in_channels": 1, "base_channels": cfg.base_channels, "depth": cfg.depth},
                                 "--init needs a checkpoint of the same --base-channels and --depth")
-    out.mkdir(parents=True, exist_ok=True)
 
     index = find_data(cfg.data, cfg.mask)
     exclude = read_exclude(cfg.exclude) if cfg.exclude else None
@@ -202,16 +278,25 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         if old is None or old.get("train") != split_json["train"] or old.get("val") != split_json["val"]:
             raise ConfigError(f"--resume: the data in {cfg.data} no longer gives the file lists in "
                               f"{out / 'split.json'}: restore the data or start a new run")
+    check_training_memory(cfg.base_channels, cfg.depth, cfg.size, cfg.batch_size, len(split.train) + len(split.val),
+                          backend)
     cache_dir = default_cache_dir() if cfg.cache_dir is None else (cfg.cache_dir or None)
 
     def decode_progress(what):
-        return lambda done, total: emit("decode", what=what, done=done, total=total)
+        def report(done, total):
+            emit("decode", what=what, done=done, total=total)
+            if guard.requested:  # decoding can take minutes: stop it (nothing is trained yet)
+                raise _StopBeforeTraining
+
+        return report
 
     train_set = load_arrays(split.train, cfg.size, cache_dir, cfg.workers, decode_progress("train"))
     if cfg.mask == "lung" and train_set.mask_stats.all_empty():  # every image has lungs: these masks are wrong
         raise DataError(f"every lung mask of the {len(train_set)} training images in {index.root} is empty: check "
                         "the masks (lungs marked with 255, or 1, on 0)")
     val_set = load_arrays(split.val, cfg.size, cache_dir, cfg.workers, decode_progress("val"))
+    if guard.requested:
+        raise _StopBeforeTraining
     emit("data", describe=index.describe(), n_train=len(train_set), n_val=len(val_set), val_source=split.source,
          excluded=split.excluded, masks=train_set.mask_stats.describe(), cached=train_set.cached and val_set.cached)
 
@@ -220,14 +305,34 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
     n_b = num_batches(len(train_set), cfg.batch_size)
     total_steps = cfg.epochs * n_b
     state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "n_seen": 0, "seconds": 0.0,
-             "history": [], "best_dice": -1.0, "best_epoch": 0}
+             "history": [], "best_dice": -1.0, "best_epoch": 0, "changes": []}
+    saved_at = None  # where this run's last.npz stands, once there is one
     if ck is not None:
         ck.load_into(model, opt)
         for k in state:
-            state[k] = ck.meta["state"][k]
+            state[k] = ck.meta["state"].get(k, state[k])  # checkpoints before "changes" have none
+        saved_at = _position(state)
+        if cfg.lr != saved["lr"]:
+            change = {"setting": "lr", "from": saved["lr"], "to": cfg.lr, "epoch": state["epoch"] + 1,
+                      "batch": state["batch"], "step": state["step"]}
+            state["changes"] = state["changes"] + [change]
+            emit("note", message=f"--lr changed from {saved['lr']:g} to {cfg.lr:g} at epoch {change['epoch']}, "
+                                 f"batch {change['batch']} (step {change['step']}): from there this run is no longer "
+                                 f"bitwise comparable with one that kept --lr {saved['lr']:g} (config.json lists "
+                                 "the change under \"changes\")")
     elif init is not None:
         init.load_into(model)
     augment = Augment() if cfg.augment else None
+
+    def write(path: Path, how):
+        """Run ``how()``, which writes ``path``; an OSError (a full disk...) stops the run saying what is kept."""
+        try:
+            how()
+        except OSError as e:
+            kept = (f"the previous {out / 'last.npz'} ({saved_at}) is kept: make room (or fix the folder), then "
+                    f"continue with --resume --out {out}" if saved_at is not None
+                    else "no checkpoint of this run was saved yet: make room (or fix the folder) and start again")
+            raise OutputError(f"cannot write {path} ({e.strerror or e}): {kept}") from None
 
     run_info = {
         "minunet_version": __version__,
@@ -237,8 +342,9 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         "num_params": model.num_params(),
         "data": {"layout": index.layout, "root": str(index.root), "n_train": len(train_set), "n_val": len(val_set),
                  "val_source": split.source, "excluded": split.excluded, "masks": train_set.mask_stats.describe()},
+        "changes": state["changes"],
     }
-    write_run_info(out, run_info, split_json)
+    write(out / "config.json", lambda: write_run_info(out, run_info, split_json))
 
     def meta():
         return {"train_config": _json_config(cfg), "state": dict(state), "minunet_version": __version__,
@@ -246,80 +352,91 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
                         "seed": cfg.seed}}
 
     def save(name):
-        return save_checkpoint(out / name, model, opt, meta())
+        nonlocal saved_at
+        write(out / name, lambda: save_checkpoint(out / name, model, opt, meta()))
+        if name == "last.npz":
+            saved_at = _position(state)
+
+    def validate_progress(event, **info):  # an interrupt stops the validation too (it is redone on resume)
+        emit(event, **info)
+        if guard.requested:
+            raise KeyboardInterrupt
 
     be = model.backend
     consistent = True  # False while the parameters are half-way through an update
-    with _InterruptGuard(emit) as guard:
-        try:
-            while state["epoch"] < cfg.epochs:
-                epoch = state["epoch"]
-                loader = BatchLoader(train_set, cfg.batch_size, cfg.seed, epoch, start=state["batch"], augment=augment)
-                emit("epoch_start", epoch=epoch + 1, epochs=cfg.epochs, n_batches=n_b, start=state["batch"])
-                t_start = time.perf_counter() - state["seconds"]
-                t_images, n_images = time.perf_counter(), 0
-                for b, x, y in loader:
-                    lr = learning_rate(cfg, state["step"], total_steps)
-                    opt.lr = lr
-                    model.zero_grad()
-                    logits = model.forward(be.asarray(x))
-                    loss, dz = loss_and_grad(cfg.loss, logits, be.asarray(y), be)
-                    if not math.isfinite(loss):
-                        # This run has a last.npz once an epoch ended or when it resumed from one (with
-                        # --force, the file still in the folder before that belongs to the old run).
-                        kept = (f"the last good checkpoint is {out / 'last.npz'}" if ck is not None or state["epoch"]
-                                else "no checkpoint was saved yet (the first one is written when epoch 1 ends)")
-                        msg = (f"the loss became {loss} at epoch {epoch + 1}, batch {b + 1}: training stopped; "
-                               f"{kept} (try a smaller --lr)")
-                        emit("nonfinite", epoch=epoch + 1, batch=b + 1, loss=loss, message=msg)
-                        return TrainResult("nonfinite", out, state["history"], state["best_dice"],
-                                           state["best_epoch"], msg)
-                    model.backward(dz)
-                    consistent = False
-                    opt.step()
-                    state["step"] += 1
-                    state["batch"] = b + 1
-                    state["loss_sum"] += loss * len(x)
-                    state["n_seen"] += len(x)
-                    state["seconds"] = time.perf_counter() - t_start
-                    consistent = True
-                    n_images += len(x)
-                    emit("batch", epoch=epoch + 1, batch=b + 1, n_batches=n_b, loss=loss, lr=lr,
-                         images_per_s=n_images / max(time.perf_counter() - t_images, 1e-9))
-                    if guard.requested:
-                        raise KeyboardInterrupt
-                # validation (an interrupt here resumes at the validation)
-                ev = evaluate_model(model, val_set, cfg.batch_size, progress=emit)
-                seconds = time.perf_counter() - t_start
-                s = ev.summary
-                score = selection_score(s, cfg.mask)
-                row = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["n_seen"], 1),
-                       "val_loss": s["loss"], "val_dice": s["dice"], "val_iou": s["iou"],
-                       "val_dice_pooled": s["dice_pooled"], "val_dice_nonempty": s["dice_nonempty"],
-                       "val_fp_image_rate": s["fp_image_rate"], "val_score": score,
-                       "lr": learning_rate(cfg, state["step"], total_steps),
-                       "seconds": seconds, "images_per_s": state["n_seen"] / max(seconds, 1e-9)}
-                is_best = score > state["best_dice"]
-                state["history"] = state["history"] + [row]
-                if is_best:
-                    state["best_dice"], state["best_epoch"] = score, epoch + 1
-                state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, n_seen=0, seconds=0.0)
-                save("last.npz")
-                if is_best:
-                    save("best.npz")
-                write_history(out / "history.csv", state["history"])
-                draw_curves(out / "curves.png", state["history"])
-                emit("epoch_end", row=row, best=is_best, per_class=ev.per_group)
+    try:
+        if guard.requested:  # asked to stop since the data was decoded
+            raise KeyboardInterrupt
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"]
+            loader = BatchLoader(train_set, cfg.batch_size, cfg.seed, epoch, start=state["batch"], augment=augment)
+            emit("epoch_start", epoch=epoch + 1, epochs=cfg.epochs, n_batches=n_b, start=state["batch"])
+            t_start = time.perf_counter() - state["seconds"]
+            t_images, n_images = time.perf_counter(), 0
+            for b, x, y in loader:
+                lr = learning_rate(cfg, state["step"], total_steps)
+                opt.lr = lr
+                model.zero_grad()
+                logits = model.forward(be.asarray(x))
+                loss, dz = loss_and_grad(cfg.loss, logits, be.asarray(y), be)
+                if not math.isfinite(loss) or loss > DIVERGED_LOSS:
+                    status = "nonfinite" if not math.isfinite(loss) else "diverged"
+                    what = (f"the loss became {loss}" if status == "nonfinite" else
+                            f"the loss reached {loss:.3g}, above {DIVERGED_LOSS:g} (BCE and Dice losses start near "
+                            "0.7 and fall): training has diverged")
+                    msg = (f"{what} at epoch {epoch + 1}, batch {b + 1}: training stopped; "
+                           f"{_smaller_lr_advice(cfg, out, saved_at)}")
+                    emit(status, epoch=epoch + 1, batch=b + 1, loss=loss, message=msg)
+                    return TrainResult(status, out, state["history"], state["best_dice"], state["best_epoch"], msg)
+                model.backward(dz)
+                consistent = False
+                opt.step()
+                state["step"] += 1
+                state["batch"] = b + 1
+                state["loss_sum"] += loss * len(x)
+                state["n_seen"] += len(x)
+                state["seconds"] = time.perf_counter() - t_start
+                consistent = True
+                n_images += len(x)
+                emit("batch", epoch=epoch + 1, batch=b + 1, n_batches=n_b, loss=loss, lr=lr,
+                     images_per_s=n_images / max(time.perf_counter() - t_images, 1e-9))
                 if guard.requested:
                     raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            msg = f"interrupted at epoch {state['epoch'] + 1}, batch {state['batch']}/{n_b}"
-            if consistent:
-                save("last.npz")
-                msg += f"; saved {out / 'last.npz'}: continue with --resume --out {out}"
-            else:
-                msg += f"; kept the previous {out / 'last.npz'} (stopped mid-update)"
-            emit("interrupted", epoch=state["epoch"] + 1, batch=state["batch"], message=msg)
-            return TrainResult("interrupted", out, state["history"], state["best_dice"], state["best_epoch"], msg)
+            train_seconds = state["seconds"]  # the epoch's training, without its validation
+            ev = evaluate_model(model, val_set, cfg.batch_size, progress=validate_progress)
+            seconds = time.perf_counter() - t_start
+            s = ev.summary
+            score = selection_score(s, cfg.mask)
+            row = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["n_seen"], 1),
+                   "val_loss": s["loss"], "val_dice": s["dice"], "val_iou": s["iou"],
+                   "val_dice_pooled": s["dice_pooled"], "val_dice_nonempty": s["dice_nonempty"],
+                   "val_fp_image_rate": s["fp_image_rate"], "val_score": score,
+                   "lr": learning_rate(cfg, state["step"], total_steps),
+                   "seconds": seconds, "images_per_s": state["n_seen"] / max(train_seconds, 1e-9)}
+            is_best = score > state["best_dice"]
+            state["history"] = state["history"] + [row]
+            if is_best:
+                state["best_dice"], state["best_epoch"] = score, epoch + 1
+            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, n_seen=0, seconds=0.0)
+            save("last.npz")
+            if is_best:
+                save("best.npz")
+            write(out / "history.csv", lambda: write_history(out / "history.csv", state["history"]))
+            write(out / "curves.png", lambda: draw_curves(out / "curves.png", state["history"]))
+            emit("epoch_end", row=row, best=is_best, per_class=ev.per_group)
+            if guard.requested:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        by = guard.requested or "SIGINT"  # a KeyboardInterrupt without a handled signal is a Ctrl-C
+        msg = f"interrupted ({by}) at epoch {state['epoch'] + 1}, batch {state['batch']}/{n_b}"
+        if consistent:
+            save("last.npz")
+            msg += f"; saved {out / 'last.npz'}: continue with --resume --out {out}"
+        elif saved_at is not None:
+            msg += f"; kept the previous {out / 'last.npz'} ({saved_at}; stopped mid-update)"
+        else:
+            msg += "; nothing saved (stopped mid-update, before the first checkpoint)"
+        emit("interrupted", epoch=state["epoch"] + 1, batch=state["batch"], message=msg)
+        return TrainResult("interrupted", out, state["history"], state["best_dice"], state["best_epoch"], msg, by)
     emit("done", best_dice=state["best_dice"], best_epoch=state["best_epoch"], out=str(out))
     return TrainResult("done", out, state["history"], state["best_dice"], state["best_epoch"])

@@ -226,8 +226,8 @@ def test_default_model_missing_is_a_clear_error(trained, tmp_path, monkeypatch):
 def test_checkpoint_config_not_matching_flags(trained):
     args = ["evaluate", trained / "data", "--model", trained / "run" / "best.npz", "--backend", "numpy"]
     assert_one_line_error(run(*args, "--depth", "3"), "depth 3", "checkpoint has 2")
-    r = run("train", trained / "data", "--out", trained / "run", "--resume", "--lr", "0.5", "--epochs", "3")
-    assert_one_line_error(r, "--resume", "lr")
+    r = run("train", trained / "data", "--out", trained / "run", "--resume", "--loss", "bce+dice", "--epochs", "3")
+    assert_one_line_error(r, "--resume", "loss")
 
 
 def test_existing_run_folder_needs_resume_or_force(trained):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from minidata import make_qu
+from test_cli import run
 
 import minunet.train as train_mod
 from minunet.checkpoint import load_checkpoint
@@ -86,8 +87,10 @@ def test_interrupt_and_resume_gives_identical_weights(data_dir, tmp_path, stop_a
 
 def test_resume_refuses_changed_flags_and_fresh_run_refuses_old_folder(data_dir, tmp_path):
     train(cfg(data_dir, tmp_path / "r", epochs=1))
-    with pytest.raises(ConfigError, match="lr"):
-        train(cfg(data_dir, tmp_path / "r", epochs=2, lr=0.01), resume=True)
+    with pytest.raises(ConfigError, match="batch_size"):
+        train(cfg(data_dir, tmp_path / "r", epochs=2, batch_size=2), resume=True)
+    with pytest.raises(ConfigError, match="loss"):
+        train(cfg(data_dir, tmp_path / "r", epochs=2, loss="bce+dice"), resume=True)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(cfg(data_dir, tmp_path / "r", epochs=1))
     with pytest.raises(ConfigError, match="no run to resume"):
@@ -111,15 +114,15 @@ def test_resume_refuses_another_backend(data_dir, tmp_path):
     assert res.status == "done" and [r["epoch"] for r in res.history] == [1, 2]
 
 
-def poison_loss(monkeypatch, at_call):
-    """Make loss_and_grad return NaN on its ``at_call``-th call (1-based)."""
+def poison_loss(monkeypatch, at_call, value=float("nan")):
+    """Make loss_and_grad return ``value`` (NaN) on its ``at_call``-th call (1-based)."""
     calls = []
     real = train_mod.loss_and_grad
 
     def poisoned(kind, z, y, be):
         calls.append(1)
         loss, dz = real(kind, z, y, be)
-        return (float("nan") if len(calls) == at_call else loss), dz
+        return (value if len(calls) == at_call else loss), dz
 
     monkeypatch.setattr(train_mod, "loss_and_grad", poisoned)
 
@@ -143,6 +146,58 @@ def test_nonfinite_loss_before_the_first_checkpoint_says_none_was_saved(data_dir
     res = train(cfg(data_dir, tmp_path / "n"), force=old_run)
     assert res.status == "nonfinite" and "nan" in res.message
     assert "last.npz" not in res.message and "no checkpoint" in res.message, res.message
+    # advice that works: start again with a smaller lr (over the old run only with --force)
+    assert "--lr 0.0001" in res.message and "--resume" not in res.message, res.message
+    assert ("--force" in res.message) == old_run, res.message
+
+
+def test_the_nonfinite_stop_advice_can_be_followed_with_resume(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "n"
+    poison_loss(monkeypatch, 5)
+    res = train(cfg(data_dir, out, epochs=3))
+    assert res.status == "nonfinite"
+    assert f"--resume --out {out} --lr 0.0001" in res.message, res.message
+    monkeypatch.undo()
+    events = []
+    res = train(cfg(data_dir, out, epochs=3, lr=1e-4), lambda e, **i: events.append((e, i)), resume=True)
+    assert res.status == "done" and [r["epoch"] for r in res.history] == [1, 2, 3]
+    assert [r["lr"] for r in res.history] == [1e-3, 1e-4, 1e-4]
+    change = {"setting": "lr", "from": 1e-3, "to": 1e-4, "epoch": 2, "batch": 0, "step": 3}
+    notes = [i["message"] for e, i in events if e == "note"]
+    assert any("--lr" in n and "no longer bitwise comparable" in n and "epoch 2" in n for n in notes), notes
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["lr"] == 1e-4 and config["changes"] == [change]
+    assert load_checkpoint(out / "last.npz").meta["state"]["changes"] == [change]
+    # resuming again with the new lr changes nothing more
+    res = train(cfg(data_dir, out, epochs=4, lr=1e-4), resume=True)
+    assert json.loads((out / "config.json").read_text())["changes"] == [change]
+
+
+def test_a_diverging_loss_stops_like_a_nonfinite_one(data_dir, tmp_path, monkeypatch):
+    """BCE and Dice losses are about 0.7 at the start and >= 0: 1e26 is a diverged run, not a finite loss."""
+    poison_loss(monkeypatch, 5, 1e26)
+    res = train(cfg(data_dir, tmp_path / "d"))
+    assert res.status == "diverged" and "1e+26" in res.message and "diverged" in res.message, res.message
+    assert "--lr 0.0001" in res.message and str(tmp_path / "d" / "last.npz") in res.message
+    assert load_checkpoint(tmp_path / "d" / "last.npz").meta["state"]["step"] == 3
+
+
+def test_a_run_on_relative_paths_resumes_from_another_folder(data_dir, tmp_path, monkeypatch):
+    """The data, --exclude and --init paths are stored resolved and compared resolved."""
+    (tmp_path / "exclude.txt").write_text("Normal (Train 0).png\n")
+    monkeypatch.chdir(data_dir.parent)
+    train(cfg(data_dir.name, tmp_path / "r", epochs=1, exclude=str(tmp_path / "exclude.txt")))
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert saved["data"] == str(data_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    res = train(cfg(data_dir.resolve(), tmp_path / "r", epochs=2, exclude="exclude.txt"), resume=True)
+    assert res.status == "done" and len(res.history) == 2
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = run("train", "--resume", "--out", tmp_path / "r", "--epochs", "3")
+    assert r.exit_code == 0, r.output
+    r = run("train", tmp_path, "--resume", "--out", tmp_path / "r", "--epochs", "3")
+    assert r.exit_code == 2 and "data" in r.stderr, r.output  # another folder is still refused
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=0.0), dict(lr=-1.0), dict(batch_size=0), dict(size=34),
@@ -193,3 +248,75 @@ def test_resume_is_bit_identical_on_numba_too(data_dir, tmp_path):
     pa, ma, _, _ = params_and_moments(tmp_path / "a" / "last.npz")
     pb, mb, _, _ = params_and_moments(tmp_path / "b" / "last.npz")
     assert all(np.array_equal(pa[n], pb[n]) and np.array_equal(ma[n], mb[n]) for n in pa)
+
+
+# -- what the user sees: img/s, the ETA, curves.png -------------------------------------------
+
+
+def test_the_img_per_s_of_an_epoch_counts_training_only(data_dir, tmp_path, monkeypatch):
+    import time
+
+    real = train_mod.evaluate_model
+
+    def slow_validation(*a, **kw):
+        time.sleep(1.0)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "evaluate_model", slow_validation)
+    res = train(cfg(data_dir, tmp_path / "s", epochs=1))
+    row = res.history[0]
+    assert row["seconds"] > 1.0  # the epoch's time includes validation
+    assert row["images_per_s"] > 9 / (row["seconds"] - 1.0), row  # 9 training images, in under seconds - 1
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_the_progress_bar_shows_an_eta(monkeypatch, tty):
+    import io
+
+    from minunet.cli import common
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+
+    clock = FakeClock()
+    monkeypatch.setattr(common.time, "monotonic", clock)
+    stream = Stream()
+    bar = common.Bar(stream, log_every=0.0)
+    bar.update("epoch 1/3", 0, 100)
+    for done in (10, 20):
+        clock.t += 5.0  # 2 batches a second
+        bar.update("epoch 1/3", done, 100, force=True)
+    assert "ETA 0:40" in stream.getvalue().splitlines()[-1].split("\r")[-1], stream.getvalue()  # 80 left
+    clock.t += 3700.0
+    bar.update("epoch 2/3", 1, 100, force=True)
+    clock.t += 3700.0
+    bar.update("epoch 2/3", 2, 100, force=True)  # a new label starts a new estimate: 98 x 3700 s
+    assert "ETA 100:43:20" in stream.getvalue(), stream.getvalue()
+
+
+def test_curves_keep_dice_on_a_0_to_1_axis(tmp_path):
+    from PIL import Image
+
+    from minunet.charts import draw_curves
+
+    rows = [{"epoch": e, "train_loss": 0.5 / e, "val_loss": 0.6 / e, "val_dice": d, "val_iou": d - 0.1}
+            for e, d in ((1, 0.80), (2, 0.81), (3, 0.82))]
+    draw_curves(tmp_path / "c.png", rows)
+    a = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    green = np.all(a == (44, 160, 44), axis=-1)  # the val Dice line and dots
+    green[:, : a.shape[1] // 2] = False  # the score panel is the right half
+    green[300:] = False  # not the legend at the bottom
+    ys = np.nonzero(green)[0]
+    top, bottom = 34, 400 - 44  # the panel's frame
+    # on a 0-1 axis the three points lie within 2% of the panel's height, around 0.81 of it
+    assert ys.max() - ys.min() < 0.02 * (bottom - top) + 10, (ys.min(), ys.max())
+    assert abs(ys.mean() - (bottom - 0.81 * (bottom - top))) < 5, ys.mean()

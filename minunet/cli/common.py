@@ -98,10 +98,12 @@ def load_model(path, backend_name="auto", base_channels=None, depth=None, option
 
 
 class Bar:
-    """A one-line progress bar on stderr when it is a terminal.
+    """A one-line progress bar on stderr when it is a terminal, with the time left (ETA).
 
     When stderr is a file or a pipe (``nohup ... > train.log``), a plain line
     every ``log_every`` seconds instead, so a long run still shows progress.
+    The ETA extrapolates the rate since the label (e.g. ``epoch 3/10``) first
+    appeared: a new label starts a new estimate.
     """
 
     def __init__(self, stream=None, log_every=60.0):
@@ -110,22 +112,34 @@ class Bar:
         self.log_every = log_every
         self.last = 0.0 if self.tty else time.monotonic()
         self.shown = False
+        self.label, self.t0, self.done0 = None, 0.0, 0
+
+    def eta(self, now, done, total) -> str:
+        """'ETA m:ss' (or h:mm:ss) for the rest of ``total``; '' until two points give a rate."""
+        if done <= self.done0 or done >= total:
+            return ""
+        left = round((now - self.t0) / (done - self.done0) * (total - done))
+        h, rest = divmod(left, 3600)
+        m, s = divmod(rest, 60)
+        return f"ETA {h}:{m:02d}:{s:02d}" if h else f"ETA {m}:{s:02d}"
 
     def update(self, label, done, total, extra="", force=False):
+        now = time.monotonic()
+        if label != self.label:
+            self.label, self.t0, self.done0 = label, now, done
+        tail = " ".join(t for t in (f"{done}/{total}", self.eta(now, done, total), extra) if t)
         if not self.tty:
-            now = time.monotonic()
             if now - self.last >= self.log_every and done < total:
                 self.last = now
-                self.stream.write(f"{label} {done}/{total} {extra}".rstrip() + "\n")
+                self.stream.write(f"{label} {tail}\n")
                 self.stream.flush()
             return
-        now = time.monotonic()
         if not force and now - self.last < 0.1 and done < total:
             return
         self.last = now
         width = 28
         fill = int(width * done / max(total, 1))
-        line = f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {extra}"
+        line = f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {tail}"
         self.stream.write(line.ljust(100)[:140])
         self.stream.flush()
         self.shown = True

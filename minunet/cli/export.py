@@ -27,10 +27,18 @@ def export_cmd(checkpoint, out, half, threshold, min_area):
       minunet export runs/lung/best.npz lung32.npz --float32
       minunet export runs/inf/best.npz infection_unet.npz --threshold 0.6 --min-area 0.01
     """
+    from pathlib import Path
+
     from minunet.checkpoint import export_checkpoint
     from minunet.cli.common import check_postprocess
+    from minunet.errors import OutputError
 
     check_postprocess(threshold, min_area)
+    if Path(out).is_dir():
+        raise OutputError(f"{out} is a folder: give the file to write, e.g. {Path(out) / 'model.npz'}")
     pp = {k: v for k, v in (("threshold", threshold), ("min_area", min_area)) if v is not None}
-    path = export_checkpoint(checkpoint, out, "float16" if half else None, pp)
+    try:
+        path = export_checkpoint(checkpoint, out, "float16" if half else None, pp)
+    except OSError as e:  # reading errors are CheckpointErrors: this is the write (a full disk, a file in the path)
+        raise OutputError(f"cannot write {out} ({e.strerror or e}): choose another path") from None
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {'float16' if half else 'float32'} weights)")

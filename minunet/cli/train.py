@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import click
 from click.core import ParameterSource
@@ -28,7 +29,10 @@ class TrainReporter:
 
     def __call__(self, event, **i):
         echo = click.echo
-        if event == "backend":
+        if event == "note":
+            self.bar.clear()
+            echo(f"note: {i['message']}", err=True)
+        elif event == "backend":
             if i.get("note"):
                 echo(f"note: {i['note']}", err=True)
             echo(f"backend: {i['name']}")
@@ -63,8 +67,9 @@ class TrainReporter:
                  + ("  *" if i["best"] else ""))
         elif event == "interrupt_requested":
             self.bar.clear()
-            echo("stopping after this step (Ctrl-C again to stop at once)...", err=True)
-        elif event in ("interrupted", "nonfinite"):
+            how = "Ctrl-C" if i["signal"] == "SIGINT" else i["signal"]
+            echo(f"{how}: stopping after this step, saving last.npz ({how} again to stop at once)...", err=True)
+        elif event in ("interrupted", "nonfinite", "diverged"):
             self.bar.clear()
             echo(i["message"], err=True)
         elif event == "done":
@@ -100,7 +105,8 @@ class TrainReporter:
 @click.option("--no-cache", is_flag=True, help="Decode every time; write no cache.")
 @click.option("--out", type=click.Path(path_type=str), default="runs/train", show_default=True,
               help="Run folder: config.json, history.csv, curves.png, last.npz, best.npz.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out where it stopped (with the same settings; --lr may change).")
 @click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
 @click.pass_context
 def train_cmd(ctx, data, **opts):
@@ -111,6 +117,11 @@ def train_cmd(ctx, data, **opts):
       minunet train --out runs/sample
       minunet train "Infection Segmentation Data" --mask lung --epochs 5 --out runs/lung
       minunet train --resume --out runs/lung
+      minunet train --resume --out runs/lung --lr 0.0001   after a diverged run (recorded in config.json)
+
+    \b
+    Ctrl-C or SIGTERM (a scheduler, docker stop, timeout) saves a resumable last.npz
+    and exits with 130 or 143. One training at a time writes in --out (a .lock file).
     """
     resume, force, no_cache = opts.pop("resume"), opts.pop("force"), opts.pop("no_cache")
     if no_cache:
@@ -130,8 +141,8 @@ def train_cmd(ctx, data, **opts):
     cfg = TrainConfig(data=data, **values)
     result = train(cfg, TrainReporter(cfg.mask), resume=resume, force=force)
     if result.status == "interrupted":
-        ctx.exit(130)
-    if result.status == "nonfinite":
+        ctx.exit(128 + signal.Signals[result.stopped_by])  # the shell's status for that signal: 130, 143
+    if result.status in ("nonfinite", "diverged"):
         raise CliError(result.message)
     what = "score (dice_nonempty x (1 - fp_image_rate))" if cfg.mask == "infection" else "Dice"
     click.echo(f"best val {what} {result.best_dice:.4f} at epoch {result.best_epoch}; run folder {result.out}")

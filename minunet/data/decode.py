@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from minunet.atomicfile import atomic_write, remove_stale_temporaries
 from minunet.data.discover import Item
 from minunet.errors import DataError, MinunetWarning
 
@@ -332,6 +333,7 @@ def load_arrays(items, size: int, cache_dir=None, workers: int = 2, progress=Non
     key = cache_key(items, size)
     if cache_dir:
         cache_dir = Path(cache_dir).expanduser()
+        remove_stale_temporaries(cache_dir)  # partial entries of killed processes (atomicfile.py)
         hit = _read_cache(cache_dir, key, len(items), size, has_masks)
         if hit is not None:
             images, masks, stats = hit
@@ -359,14 +361,10 @@ def load_arrays(items, size: int, cache_dir=None, workers: int = 2, progress=Non
             for label, arr in (("images", images), ("masks", masks)):
                 if arr is None:
                     continue
-                tmp = cache_dir / f".{key}.{label}.{os.getpid()}.tmp.npy"
-                np.save(tmp, arr)
-                os.replace(tmp, cache_dir / f"{key}.{label}.npy")
+                atomic_write(cache_dir / f"{key}.{label}.npy", lambda f, arr=arr: np.save(f, arr), fsync=False)
             meta = {"version": CACHE_VERSION, "size": size, "n": n, "has_masks": has_masks,
                     "mask_counts": stats.counts, "colour_masks": stats.colour, "image_counts": stats.images}
-            tmp = cache_dir / f".{key}.{os.getpid()}.tmp.json"
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, cache_dir / f"{key}.json")
+            atomic_write(cache_dir / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()), fsync=False)
         except OSError as e:  # an unwritable cache only costs time: the arrays are in memory
             # stacklevel=1 ties the warning to this line, not to the caller's, so Python's default filter
             # shows it once however often load_arrays is called (training calls it for train and val).

@@ -1,0 +1,108 @@
+"""The U-Net's size from its settings, without building it: parameters, FLOPs and memory per layer
+(``minunet summary`` prints them), and the memory a training needs (``train`` checks it before it
+allocates anything, so ``--base-channels 100000`` is refused with the figure, not a MemoryError).
+The layers and widths are model.py's: level i has C * 2**i channels, the bottleneck C * 2**D.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from minunet.errors import ConfigError
+
+FLOAT_BYTES = 4  # float32
+
+
+class LayerRow(NamedTuple):
+    name: str
+    shape: tuple  # the output for one image, (1, C, H, W)
+    params: int
+    flops: int
+    activation_bytes: int  # float32 output of one image
+
+
+def layer_rows(in_channels: int, base_channels: int, depth: int, size: int) -> list[LayerRow]:
+    """Every layer of ``UNet(in_channels, base_channels, depth)`` on a size x size input, in forward order.
+
+    FLOPs count a multiply-add as 2: a k x k conv costs 2*Cin*k*k*Cout*H*W; the 2x2 stride-2 up-conv
+    2*Cin*Cout*(2H)*(2W) (each output value is Cin multiply-adds); max-pool counts 3 comparisons per
+    output value. Parameters: a conv has Cout*Cin*k*k weights and Cout biases, the up-conv Cin*Cout*4
+    and Cout."""
+    D = depth
+    widths = [base_channels * 2**i for i in range(D + 1)]
+    rows = [LayerRow("input", (1, in_channels, size, size), 0, 0, in_channels * size * size * FLOAT_BYTES)]
+
+    def add(name, cout, h, params, flops):
+        rows.append(LayerRow(name, (1, cout, h, h), params, int(flops), cout * h * h * FLOAT_BYTES))
+
+    def conv(name, cin, cout, h, k=3):
+        add(name, cout, h, cout * cin * k * k + cout, 2 * cin * k * k * cout * h * h)
+
+    h, c = size, in_channels
+    for i in range(D):
+        conv(f"enc{i}.conv1 3x3+relu", c, widths[i], h)
+        conv(f"enc{i}.conv2 3x3+relu", widths[i], widths[i], h)
+        c = widths[i]
+        h //= 2
+        add(f"pool{i} 2x2", c, h, 0, 3 * c * h * h)
+    conv("bottleneck.conv1 3x3+relu", c, widths[D], h)
+    conv("bottleneck.conv2 3x3+relu", widths[D], widths[D], h)
+    c = widths[D]
+    for i in reversed(range(D)):
+        h *= 2
+        add(f"dec{i}.up 2x2 s2", widths[i], h, c * widths[i] * 4 + widths[i], 2 * c * widths[i] * h * h)
+        add(f"dec{i}.concat skip", 2 * widths[i], h, 0, 0)
+        conv(f"dec{i}.conv1 3x3+relu", 2 * widths[i], widths[i], h)
+        conv(f"dec{i}.conv2 3x3+relu", widths[i], widths[i], h)
+        c = widths[i]
+    conv("head 1x1", c, 1, h, k=1)
+    return rows
+
+
+class TrainingMemory(NamedTuple):
+    """A lower bound of a training's memory, in bytes (backward needs more, for a while)."""
+
+    weights: int  # weights, gradients and Adam's two moments: 4 float32 copies of the parameters
+    activations: int  # the layer outputs of one batch, kept for backward
+    images: int  # the decoded images and masks, uint8
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.images
+
+
+def training_memory(base_channels: int, depth: int, size: int, batch_size: int, n_images: int,
+                    in_channels: int = 1) -> TrainingMemory:
+    rows = layer_rows(in_channels, base_channels, depth, size)
+    return TrainingMemory(4 * FLOAT_BYTES * sum(r.params for r in rows),
+                          batch_size * sum(r.activation_bytes for r in rows), n_images * 2 * size * size)
+
+
+def check_training_memory(base_channels: int, depth: int, size: int, batch_size: int, n_images: int, backend):
+    """Raise ConfigError when ``training_memory`` (a lower bound) exceeds the device's memory: the GPU's
+    for the cupy backend, this machine's RAM otherwise (where it cannot be read: no check)."""
+    need = training_memory(base_channels, depth, size, batch_size, n_images)
+    on_gpu = backend.name == "cupy"
+    try:
+        have = (backend.xp.cuda.Device().mem_info[1] if on_gpu
+                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return
+    total = need.weights + need.activations + (0 if on_gpu else need.images)  # the images stay on the host
+    if total > have:
+        images = "" if on_gpu else f", the decoded images {human(need.images, 'B')}"
+        raise ConfigError(
+            f"--base-channels {base_channels} --depth {depth} --size {size} --batch-size {batch_size} would need "
+            f"at least {human(total, 'B')} of memory (weights, gradients and Adam moments {human(need.weights, 'B')}, "
+            f"the activations of a batch {human(need.activations, 'B')}{images}) but "
+            f"{'the GPU' if on_gpu else 'this machine'} has {human(have, 'B')}: choose a smaller --base-channels, "
+            "--depth, --size or --batch-size ('minunet summary' shows the memory per layer)")
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (with ``unit`` 'B': '1.23 MB'); decimal prefixes up to T."""
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
