@@ -52,6 +52,13 @@ def _one_line_warnings(show_other):
 class MinunetGroup(click.Group):
     """A click group whose errors are one line and exit 2 (usage errors included)."""
 
+    def parse_args(self, ctx, args):
+        # ``minunet`` alone asks what there is: the help, exit 0 (click >= 8.2 makes it a usage error).
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            click.echo(ctx.get_help(), color=ctx.color)
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
