@@ -48,7 +48,7 @@ def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = TH
     overall, groups = ScoreAccumulator(), {}
     loss_sum = 0.0
     for start, x, y in iter_eval_batches(data, batch_size):
-        logits = model.forward(be.asarray(x))
+        logits = model.forward(be.asarray(x), train=False)
         loss, _ = be.sigmoid_bce(logits, be.asarray(y))
         loss_sum += loss * len(x)
         pred = drop_small(np.asarray(be.to_host(be.sigmoid(logits))) > threshold, min_area)
