@@ -30,3 +30,8 @@ def probabilities(model, grays, size: int, batch_size: int = 8):
             if (h, w) != p.shape:
                 p = np.asarray(Image.fromarray(p, mode="F").resize((w, h), Image.BILINEAR))
             yield p
+
+
+def to_8bit(prob: np.ndarray) -> np.ndarray:
+    """A probability map in [0, 1] as uint8 for a PNG: 255 is probability 1 (rounded to the nearest level)."""
+    return np.rint(np.clip(prob.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)

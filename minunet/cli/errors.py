@@ -1,7 +1,8 @@
 """One-line errors for the command line.
 
 Every command runs inside ``MinunetGroup``: a ``MinunetError`` (bad data, bad
-checkpoint, bad settings) or a click usage error becomes one line on stderr,
+checkpoint, bad settings), an ``OSError`` (a path the file system refuses) or a
+click usage error becomes one line on stderr,
 
     Error: <what is wrong, which file, what to do>
 
@@ -64,6 +65,12 @@ class MinunetGroup(click.Group):
             return super().invoke(ctx)
         except MinunetError as e:
             raise CliError(str(e)) from None
+        except OSError as e:
+            # The file system said no (a file where a folder is wanted, no permission, a full disk): the
+            # user's to fix, so one line naming the path (of a rename, the destination).
+            path = e.filename2 or e.filename
+            raise CliError(f"{e.strerror or e}{f': {path}' if path else ''}: check the path, its permissions "
+                           "and the free disk space") from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
