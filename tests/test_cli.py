@@ -550,6 +550,11 @@ def test_predict_and_quantify_never_read_their_own_outputs(trained, tmp_path):
                 "--backend", "numpy")
         assert r.exit_code == 0, r.output
         assert "quantified 2 image(s)" in r.stdout
+    # named one by one (a shell glob), they are left out too; only outputs: nothing to do
+    r = run("predict", *sorted(scans.glob("*.png")), "--out", scans, "--model", model, "--backend", "numpy")
+    assert r.exit_code == 0 and "wrote 2 mask(s)" in r.stdout, r.output
+    assert_one_line_error(run("predict", scans / "scan 0_mask.png", "--out", scans, "--model", model),
+                          "every input is a file that predict or quantify wrote")
 
 
 # -- evaluate: images the model was trained on, per-image scores, probability maps ----------

@@ -56,8 +56,12 @@ def collect_inputs(inputs, out=None):
             if not found:
                 raise DataError(f"folder {p} holds no images ({', '.join(IMAGE_EXTS)}): pass image files")
             files += found
-        else:
+        elif not is_own_output(p, out):
             files.append(p)
+    if not files:
+        written = "/".join(OUTPUT_SUFFIXES)
+        raise DataError(f"every input is a file that predict or quantify wrote to {out} (<name>{written}.png): "
+                        "pass the original images")
     return files
 
 
