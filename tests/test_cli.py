@@ -494,7 +494,7 @@ def test_predict_and_quantify_a_covid_qu_ex_split_without_masks(trained, tmp_pat
     assert len((tmp_path / "q" / "quantify.csv").read_text().splitlines()) == 1 + 12
     r = run("evaluate", data, "--model", model, "--backend", "numpy", "--json")  # scores the split with masks
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["n_images"] == 12
+    assert json.loads(r.stdout)["n_images"] == 12 and json.loads(r.stdout)["split"] == "train"
 
 
 def test_predict_skip_bad_goes_on_and_lists_what_it_skipped(trained, tmp_path):

@@ -19,20 +19,21 @@ from minunet.evaluation import THRESHOLD
 
 
 def choose_split(index, split):
-    """The items to score: --split, or by default the first of test, val and train that has masks (a
-    Test split without masks, as COVID-QU-Ex ships it, is for predict), else all."""
+    """The items to score: --split, or by default test (when it has masks), else val, else all; but train
+    when other splits lack masks (a Test split as COVID-QU-Ex ships it, images only, is for predict)."""
     from minunet.errors import DataError
 
     def with_masks(items):
         return bool(items) and all(it.mask is not None for it in items)
 
     if split is None:
-        for s in ("test", "val", "train"):
+        for s in ("test", "val"):
             if s in index.splits and with_masks(index.splits[s]):
                 split = s
                 break
         else:
-            split = "all"
+            use_all = with_masks(index.items("all")) or not with_masks(index.splits.get("train"))
+            split = "all" if use_all else "train"
     items = index.items(split)
     for it in items:
         if it.mask is None:
