@@ -206,7 +206,7 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_ar
     if n_seen:
         trained_data = path_name(ck.meta.get("train_config", {}).get("data", "")) or "its data"
         click.echo(f"warning: {n_seen} of the {len(items)} images scored were in this model's training set "
-                   f"({trained_data}, by class and file name): these scores overstate how it does on new images; "
+                   f"({trained_data}; matched by name): these scores overstate how it does on new images; "
                    "score held-out images (--split test, or --only RUN/split.json)", err=True)
     s = ev.summary
     if as_json:
