@@ -184,8 +184,97 @@ class Checkpoint:
         return {k: model.config[k] for k in MODEL_KEYS}
 
 
+# -- loading: what a checkpoint must hold before any command uses it -----------------------------
+
+# What each part of the meta must be. Checked on loading, so a damaged or hand-made file is one line
+# that names the part, never a TypeError deep inside a command. A kind is one of KINDS.
+META_PARTS = {"model": dict, "train_config": dict, "state": dict, "postprocess": dict, "split": dict, "rng": dict,
+              "weights_dtype": str, "exported_from": str, "minunet_version": str, "has_optimizer": bool}
+MODEL_KINDS = {"in_channels": "count", "base_channels": "count", "depth": "count"}  # all three required
+PART_KINDS = {
+    "train_config": {"size": "count"},
+    "postprocess": {"threshold": "probability", "min_area": "share"},
+    "split": {"train": "names", "val": "names"},
+}
+# A run's position in training (train.py's ``state``; an export keeps some of it).
+RUN_STATE = {"epoch": "index", "batch": "index", "step": "index", "loss_sum": "number", "n_seen": "index",
+             "seconds": "number", "history": "list", "best_dice": "number", "best_epoch": "index",
+             "changes": "list"}
+ADAM_KINDS = {"t": "index", "lr": "number", "betas": "pair", "eps": "number"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+KINDS = {  # kind -> (test, what the value must be)
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+    "index": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+    "number": (_is_number, "a number"),
+    "probability": (lambda v: _is_number(v) and 0 < v < 1, "a number between 0 and 1"),
+    "share": (lambda v: _is_number(v) and 0 <= v < 1, "a number from 0 to below 1"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of file names"),
+    "pair": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(b) for b in v), "two numbers"),
+}
+
+
+def check_meta(path, meta, adam) -> None:
+    """Raise CheckpointError unless ``meta`` (and ``adam``, the optimizer's settings, or None) have the parts
+    and types above: the one place that says what a checkpoint's JSON must hold."""
+
+    def refuse(key, value, wanted):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise CheckpointError(f"checkpoint {path}: its {f'meta {key}' if key else 'meta'} is {shown}, not {wanted}: "
+                              "the file is damaged or was not written by minunet; use a checkpoint from "
+                              "'minunet train' or 'minunet export'")
+
+    def check_kinds(prefix, part, kinds, required=False):
+        for k, kind in kinds.items():
+            if k not in part:
+                if required:
+                    raise CheckpointError(f"checkpoint {path}: its meta lacks {prefix}.{k}: the file is damaged; "
+                                          "use another checkpoint")
+                continue
+            test, wanted = KINDS[kind]
+            if not test(part[k]):
+                refuse(f"{prefix}.{k}", part[k], wanted)
+
+    if not isinstance(meta, dict):
+        refuse("", meta, "an object")
+    if "model" not in meta:
+        raise CheckpointError(f"checkpoint {path} lacks its model config: it is damaged; use another checkpoint")
+    for key, kind in META_PARTS.items():
+        if key in meta and not isinstance(meta[key], kind):
+            refuse(key, meta[key], {dict: "an object", str: "a string", bool: "true or false"}[kind])
+    check_kinds("model", meta["model"], MODEL_KINDS, required=True)
+    for key, kinds in PART_KINDS.items():
+        check_kinds(key, meta.get(key, {}), kinds)
+    if adam is not None:
+        if not isinstance(adam, dict):
+            refuse("adam", adam, "an object")
+        check_kinds("adam", adam, ADAM_KINDS, required=True)
+    check_kinds("state", meta.get("state", {}), RUN_STATE)
+
+
+def check_finite(path, arrays: dict, what: str) -> None:
+    """Raise CheckpointError naming the first of ``arrays`` (name -> array) that is not floating point or holds
+    a NaN or an infinity: weights like that give NaN everywhere (a diverged run saved)."""
+    for name, a in arrays.items():
+        if a.dtype.kind != "f":
+            raise CheckpointError(f"checkpoint {path}: {what} {name} is {a.dtype}, not floating point: the file is "
+                                  "damaged or was not written by minunet; use another checkpoint")
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise CheckpointError(f"checkpoint {path}: {what} {name} holds NaN or inf ({bad} of {a.size} values): "
+                                  "the run diverged before it was saved; use an earlier checkpoint (e.g. best.npz) "
+                                  "or train again with a smaller --lr")
+
+
 def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint; CheckpointError when it is missing, damaged or not a minunet checkpoint."""
+    """Read a checkpoint; CheckpointError when it is missing, damaged or not a minunet checkpoint, when its
+    meta does not have the parts and types ``check_meta`` wants, or when a weight is NaN or infinite."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(
@@ -205,15 +294,17 @@ def load_checkpoint(path) -> Checkpoint:
                                       f"({FORMAT_VERSION}): upgrade minunet")
             meta = json.loads(str(z["meta"]))
             params = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
-            adam = None
-            if "adam" in files:
-                adam = json.loads(str(z["adam"]))
+            adam = json.loads(str(z["adam"])) if "adam" in files else None
+            check_meta(path, meta, adam)
+            if adam is not None:
                 adam["m"] = {k[len("adam_m/"):]: z[k] for k in z.files if k.startswith("adam_m/")}
                 adam["v"] = {k[len("adam_v/"):]: z[k] for k in z.files if k.startswith("adam_v/")}
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError):
         raise CheckpointError(not_ours) from None
-    if "model" not in meta or any(k not in meta["model"] for k in MODEL_KEYS):
-        raise CheckpointError(f"checkpoint {path} lacks its model config: it is damaged; use another checkpoint")
+    check_finite(path, params, "parameter")
+    if adam is not None:
+        for moment in ("m", "v"):
+            check_finite(path, adam[moment], f"Adam's {moment} of")
     return Checkpoint(path, meta, params, adam)

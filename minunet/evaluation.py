@@ -13,10 +13,13 @@ import numpy as np
 
 from minunet.data import ArraySet, iter_eval_batches
 from minunet.errors import ConfigError
-from minunet.metrics import ScoreAccumulator
+from minunet.metrics import ScoreAccumulator, iou_from_counts
 from minunet.postprocess import drop_small, keep_largest
 
 THRESHOLD = 0.5  # a pixel is foreground when sigmoid(logit) > THRESHOLD
+
+
+PER_IMAGE_COLUMNS = ("image", "class", "dice", "iou", "pred_px", "ref_px")
 
 
 @dataclass
@@ -27,40 +30,54 @@ class EvalResult:
     per_group: dict  # class name -> summary
     dice_per_image: np.ndarray
     names: list
+    groups: list  # each image's class ("" for data without classes)
+    counts: tuple  # per image (|P & G|, |P|, |G|): int64 arrays, as metrics.counts gives them
 
     def to_json(self) -> dict:
         out = dict(self.summary)
         out["per_class"] = self.per_group
         return out
 
+    def per_image_rows(self) -> list:
+        """One dict per image with the PER_IMAGE_COLUMNS (pixel counts at the size it was scored at)."""
+        inter, psum, gsum = self.counts
+        iou = iou_from_counts(inter, psum, gsum)
+        return [dict(zip(PER_IMAGE_COLUMNS, (name, group, float(d), float(j), int(p), int(g)), strict=True))
+                for name, group, d, j, p, g in zip(self.names, self.groups, self.dice_per_image, iou, psum, gsum,
+                                                   strict=True)]
+
 
 def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = THRESHOLD, progress=None,
-                   keep_largest_k: int = 0, min_area: float = 0.0) -> EvalResult:
+                   keep_largest_k: int = 0, min_area: float = 0.0, each_probability=None) -> EvalResult:
     """Mean per-image and pooled Dice/IoU of ``model`` on every image of ``data``.
 
     The prediction is sigmoid(logits) > threshold, without its components smaller
     than ``min_area`` of the image (``postprocess.drop_small``), then (when
     ``keep_largest_k`` > 0) only its k largest connected components. Training's validation and
-    ``minunet evaluate`` both call this."""
+    ``minunet evaluate`` both call this, with the model's inference forward.
+    ``each_probability(i, prob)``, when given, receives each image's (H, W) float32 probability map."""
     if data.masks is None:
         raise ConfigError("these images have no masks, so they cannot be scored")
     be = model.backend
     overall, groups = ScoreAccumulator(), {}
     loss_sum = 0.0
     for start, x, y in iter_eval_batches(data, batch_size):
-        logits = model.forward(be.asarray(x))
+        logits = model.forward(be.asarray(x), train=False)
         loss, _ = be.sigmoid_bce(logits, be.asarray(y))
         loss_sum += loss * len(x)
-        pred = drop_small(np.asarray(be.to_host(be.sigmoid(logits))) > threshold, min_area)
+        prob = np.asarray(be.to_host(be.sigmoid(logits)))
+        pred = drop_small(prob > threshold, min_area)
         if keep_largest_k > 0:
             pred = keep_largest(pred, keep_largest_k)
         overall.add(pred, y)
         for k in range(len(x)):
             g = data.groups[start + k] or "all"
             groups.setdefault(g, ScoreAccumulator()).add(pred[k : k + 1], y[k : k + 1])
+            if each_probability is not None:
+                each_probability(start + k, prob[k, 0])
         if progress is not None:
             progress("validate", done=start + len(x), total=len(data))
     summary = overall.summary()
     summary["loss"] = loss_sum / max(len(data), 1)
     return EvalResult(summary, {g: a.summary() for g, a in sorted(groups.items())}, overall.per_image_dice(),
-                      list(data.names))
+                      list(data.names), list(data.groups), overall.arrays())

@@ -1,8 +1,9 @@
 """Inference on whole X-rays: resize to the model's size, forward, sigmoid, back to each image's own size.
 
-``predict`` and ``quantify`` both segment through ``probabilities``; nothing
-here keeps anything for a backward pass beyond what ``model.forward`` caches
-for one batch.
+``predict`` and ``quantify`` both segment through ``probabilities``, with the
+model's inference forward (``forward(x, train=False)``): nothing is kept for a
+backward pass, so memory grows with the batch by the activations of one layer
+and the skips, not by the whole network's.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ def probabilities(model, grays, size: int, batch_size: int = 8):
     for start in range(0, len(grays), batch_size):
         chunk = grays[start : start + batch_size]
         x = np.stack([resize_gray(g, size) for g in chunk]).astype(np.float32)[:, None] / np.float32(255)
-        prob = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x)))), np.float32)[:, 0]
+        prob = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x), train=False))), np.float32)[:, 0]
         for g, p in zip(chunk, prob, strict=True):
             h, w = g.shape
             if (h, w) != p.shape:
                 p = np.asarray(Image.fromarray(p, mode="F").resize((w, h), Image.BILINEAR))
             yield p
+
+
+def to_8bit(prob: np.ndarray) -> np.ndarray:
+    """A probability map in [0, 1] as uint8 for a PNG: 255 is probability 1 (rounded to the nearest level)."""
+    return np.rint(np.clip(prob.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)

@@ -2,7 +2,10 @@
 
 Each layer keeps the cache of its last forward and adds its parameter
 gradients into ``grads`` (zeroed by ``UNet.zero_grad``), so the model can run
-forward, then backward, with no bookkeeping of its own.
+forward, then backward, with no bookkeeping of its own. ``forward(x,
+train=False)`` is inference: the cache is dropped as soon as the op returns
+(and the last training forward's with it), so activations are freed as the
+pass goes on.
 """
 
 from __future__ import annotations
@@ -27,10 +30,9 @@ class Conv2d:
         self.grads = {n: backend.xp.zeros_like(p) for n, p in self.params.items()}
         self.cache = None
 
-    def forward(self, x):
-        y, self.cache = self.backend.conv2d_forward(
-            x, self.params["weight"], self.params["bias"], relu=self.relu
-        )
+    def forward(self, x, train=True):
+        y, cache = self.backend.conv2d_forward(x, self.params["weight"], self.params["bias"], relu=self.relu)
+        self.cache = cache if train else None
         return y
 
     def backward(self, dy, need_dx=True):
@@ -50,8 +52,9 @@ class MaxPool2d:
         self.backend = backend
         self.cache = None
 
-    def forward(self, x):
-        y, self.cache = self.backend.maxpool2x2_forward(x)
+    def forward(self, x, train=True):
+        y, cache = self.backend.maxpool2x2_forward(x)
+        self.cache = cache if train else None
         return y
 
     def backward(self, dy):
@@ -76,8 +79,9 @@ class UpConv2d:
         self.grads = {n: backend.xp.zeros_like(p) for n, p in self.params.items()}
         self.cache = None
 
-    def forward(self, x):
-        y, self.cache = self.backend.upconv2x2_forward(x, self.params["weight"], self.params["bias"])
+    def forward(self, x, train=True):
+        y, cache = self.backend.upconv2x2_forward(x, self.params["weight"], self.params["bias"])
+        self.cache = cache if train else None
         return y
 
     def backward(self, dy):
@@ -97,8 +101,8 @@ class DoubleConv:
     def named_layers(self):
         return [("conv1", self.conv1), ("conv2", self.conv2)]
 
-    def forward(self, x):
-        return self.conv2.forward(self.conv1.forward(x))
+    def forward(self, x, train=True):
+        return self.conv2.forward(self.conv1.forward(x, train), train)
 
     def backward(self, dy, need_dx=True):
         return self.conv1.backward(self.conv2.backward(dy), need_dx=need_dx)

@@ -118,21 +118,25 @@ class UNet:
         for g in self.grads.values():
             g[...] = 0
 
-    def forward(self, x):
-        """x (N, in_channels, H, W) -> logits (N, 1, H, W), NCHW arrays of backend.xp."""
+    def forward(self, x, train=True):
+        """x (N, in_channels, H, W) -> logits (N, 1, H, W), NCHW arrays of backend.xp.
+
+        ``train=False`` is inference, bitwise the same logits: no layer keeps its cache for a
+        backward pass, so each activation is freed once the next op has read it; only the
+        encoder outputs wait for their decoder level (the skips), and each leaves as it is used."""
         self.check_input_shape(x.shape)
         be = self.backend
         a = be.from_nchw(x)
-        self._skips = []
+        skips = []
         for block, pool in zip(self.enc, self.pools, strict=True):
-            s = block.forward(a)
-            self._skips.append(s)
-            a = pool.forward(s)
-        a = self.bottleneck.forward(a)
-        for i in reversed(range(self.depth)):
-            u = self.ups[i].forward(a)
-            a = self.dec[i].forward(be.concat_channels(self._skips[i], u))
-        return be.to_nchw(self.head.forward(a))
+            s = block.forward(a, train)
+            skips.append(s)
+            a = pool.forward(s, train)
+        del s  # the last encoder output now lives in skips alone, and leaves with it
+        a = self.bottleneck.forward(a, train)
+        for i in reversed(range(self.depth)):  # skips.pop(): the deepest level's skip first
+            a = self.dec[i].forward(be.concat_channels(skips.pop(), self.ups[i].forward(a, train)), train)
+        return be.to_nchw(self.head.forward(a, train))
 
     def backward(self, dlogits):
         """dlogits (N,1,H,W) -> adds every parameter's gradient into ``grads``.
@@ -151,8 +155,7 @@ class UNet:
             d = self.pools[i].backward(d)
             d += dskips[i]
             d = self.enc[i].backward(d, need_dx=i > 0)
-        self._skips = None
 
     def predict_proba(self, x):
-        """Sigmoid of the logits: per-pixel foreground probability, NCHW."""
-        return self.backend.sigmoid(self.forward(x))
+        """Sigmoid of the logits of an inference forward: per-pixel foreground probability, NCHW."""
+        return self.backend.sigmoid(self.forward(x, train=False))

@@ -346,10 +346,10 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
     }
     write(out / "config.json", lambda: write_run_info(out, run_info, split_json))
 
-    def meta():
+    def meta():  # "split": the file lists travel with the weights, so evaluate can tell training images apart
         return {"train_config": _json_config(cfg), "state": dict(state), "minunet_version": __version__,
                 "rng": {"scheme": "numpy default_rng: order [seed, epoch], augmentation [seed, epoch, batch]",
-                        "seed": cfg.seed}}
+                        "seed": cfg.seed}, "split": split_json}
 
     def save(name):
         nonlocal saved_at

@@ -113,3 +113,47 @@ def test_path_name_keeps_the_last_two_names(path, name):
     from minunet.checkpoint import path_name
 
     assert path_name(path) == name
+
+
+def test_non_finite_or_non_float_weights_are_refused_by_name(tmp_path):
+    model, opt = trained_pair()
+    model.params["enc1.conv1.bias"][2] = np.nan
+    save_checkpoint(tmp_path / "nan.npz", model, opt)
+    with pytest.raises(CheckpointError, match=r"parameter enc1\.conv1\.bias holds NaN or inf \(1 of 8"):
+        load_checkpoint(tmp_path / "nan.npz")
+    model, opt = trained_pair()
+    opt.v["head.weight"][...] = np.inf
+    save_checkpoint(tmp_path / "inf.npz", model, opt)
+    with pytest.raises(CheckpointError, match=r"Adam's v of head\.weight holds NaN or inf"):
+        load_checkpoint(tmp_path / "inf.npz")
+    with np.load(tmp_path / "inf.npz") as z:
+        arrays = {k: z[k] for k in z.files if not k.startswith("adam")}
+    arrays["param/head.bias"] = np.zeros(1, np.int64)
+    np.savez(tmp_path / "int.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"parameter head\.bias is int64, not floating point"):
+        load_checkpoint(tmp_path / "int.npz")
+
+
+@pytest.mark.parametrize("meta,adam,named", [
+    ([1, 2], None, "its meta is [1, 2], not an object"),  # the meta itself is not an object
+    ({"model": {"in_channels": 1, "base_channels": 4}}, None, "lacks model.depth"),
+    ({"model": {"in_channels": 1, "base_channels": 4, "depth": 2}, "rng": "seed 0"}, None, "meta rng is"),
+    ({"model": {"in_channels": 1, "base_channels": 4, "depth": 2}}, {"t": 2, "lr": 0.1, "betas": 0.9, "eps": 1e-8},
+     "meta adam.betas is 0.9, not two numbers"),
+    ({"model": {"in_channels": 1, "base_channels": 4, "depth": 2}}, {"lr": 0.1, "betas": [0.9, 0.99], "eps": 1e-8},
+     "lacks adam.t"),
+])
+def test_meta_and_optimizer_settings_of_the_wrong_shape_are_refused(tmp_path, meta, adam, named):
+    import json
+    import re
+
+    model, opt = trained_pair()
+    save_checkpoint(tmp_path / "c.npz", model, opt)
+    with np.load(tmp_path / "c.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["meta"] = np.array(json.dumps(meta))
+    if adam is not None:
+        arrays["adam"] = np.array(json.dumps(adam))
+    np.savez(tmp_path / "c.npz", **arrays)
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        load_checkpoint(tmp_path / "c.npz")

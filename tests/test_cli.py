@@ -404,3 +404,221 @@ def test_predict_mask_infection_uses_the_shipped_lesion_model(trained, tmp_path,
     monkeypatch.setattr(common, "DEFAULT_INFECTION_MODEL", trained / "run" / "best.npz")
     r = run("predict", img, "--out", tmp_path / "p", "--mask", "infection", "--backend", "numpy")
     assert r.exit_code == 0 and (tmp_path / "p" / "Normal (Train 0)_mask.png").is_file(), r.output
+
+
+# -- checkpoints that must not be used -----------------------------------------------
+
+
+def rewrite_checkpoint(src, dst, meta=None, params=None):
+    """A copy of checkpoint ``src`` with its meta replaced (when given) and some parameters changed."""
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if meta is not None:
+        arrays["meta"] = np.array(json.dumps(meta))
+    for name, value in (params or {}).items():
+        arrays[f"param/{name}"] = value
+    np.savez(dst, **arrays)
+    return dst
+
+
+@pytest.mark.parametrize("name,bad", [("enc1.conv2.weight", np.nan), ("head.bias", np.inf)])
+def test_every_command_refuses_a_checkpoint_with_non_finite_weights(trained, tmp_path, name, bad):
+    best = trained / "run" / "best.npz"
+    with np.load(best) as z:
+        w = z[f"param/{name}"].copy()
+    w.flat[0] = bad
+    model = rewrite_checkpoint(best, tmp_path / "bad.npz", params={name: w})
+    img = trained / "data" / "Infection Segmentation Data" / "Test" / "Normal" / "images" / "Normal (Test 0).png"
+    for args in (["evaluate", trained / "data", "--model", model, "--backend", "numpy"],
+                 ["predict", img, "--out", tmp_path / "p", "--model", model, "--backend", "numpy"],
+                 ["quantify", img, "--out", tmp_path / "q", "--lung-model", model, "--infection-model", model,
+                  "--backend", "numpy"],
+                 ["export", model, tmp_path / "e.npz"]):
+        assert_one_line_error(run(*args), name, "NaN or inf")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "e.npz").exists()
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"model": [1, 4, 2]}, "model"),
+    ({"model": {"in_channels": 1, "base_channels": "4", "depth": 2}}, "model.base_channels"),
+    ({"model": {"in_channels": 1, "base_channels": 4, "depth": True}}, "model.depth"),
+    ({"train_config": ["size", 32]}, "train_config"),
+    ({"train_config": {"size": "32"}}, "train_config.size"),
+    ({"postprocess": {"threshold": "high"}}, "postprocess.threshold"),
+    ({"postprocess": 0.5}, "postprocess"),
+    ({"state": [1, 2]}, "state"),
+    ({"state": {"epoch": "two"}}, "state.epoch"),
+    ({"split": {"train": "all of them"}}, "split.train"),
+])
+def test_a_hand_made_checkpoint_with_meta_of_the_wrong_type_is_one_line(trained, tmp_path, change, named):
+    best = trained / "run" / "best.npz"
+    with np.load(best) as z:
+        meta = json.loads(str(z["meta"]))
+    model = rewrite_checkpoint(best, tmp_path / "m.npz", meta={**meta, **change})
+    img = trained / "data" / "Infection Segmentation Data" / "Test" / "Normal" / "images" / "Normal (Test 0).png"
+    words = ("m.npz", f"meta {named} ")
+    assert_one_line_error(run("evaluate", trained / "data", "--model", model, "--backend", "numpy"), *words)
+    assert_one_line_error(run("predict", img, "--out", tmp_path / "p", "--model", model), *words)
+    assert_one_line_error(run("export", model, tmp_path / "e.npz"), *words)
+
+
+def test_the_loader_checks_every_part_of_the_position_training_saves(trained):
+    from minunet.checkpoint import RUN_STATE, load_checkpoint
+
+    assert set(load_checkpoint(trained / "run" / "last.npz").meta["state"]) == set(RUN_STATE)
+
+
+# -- predict: whole data folders, bad files, its own outputs ----------------------------
+
+
+def test_predict_and_quantify_a_covid_qu_ex_split_without_masks(trained, tmp_path):
+    """The official Test split layout: <split>/<class>/images/ with no mask folders."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(trained / "data", data)
+    test = data / "Infection Segmentation Data" / "Test"
+    for c in test.iterdir():
+        shutil.rmtree(c / "lung masks")
+        shutil.rmtree(c / "infection masks")
+    model = trained / "run" / "best.npz"
+    r = run("predict", test, "--out", tmp_path / "p", "--model", model, "--backend", "numpy")
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "p").glob("*_mask.png"))) == 12
+    r = run("predict", data, "--out", tmp_path / "all", "--model", model, "--backend", "numpy")
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "all").glob("*_mask.png"))) == 24  # Train and Test
+    r = run("quantify", test, "--out", tmp_path / "q", "--lung-model", model, "--infection-model", model,
+            "--backend", "numpy")
+    assert r.exit_code == 0, r.output
+    assert len((tmp_path / "q" / "quantify.csv").read_text().splitlines()) == 1 + 12
+    r = run("evaluate", data, "--model", model, "--backend", "numpy", "--json")  # scores the split with masks
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_images"] == 12 and json.loads(r.stdout)["split"] == "train"
+
+
+def test_predict_skip_bad_goes_on_and_lists_what_it_skipped(trained, tmp_path):
+    scans = tmp_path / "scans"
+    for i in range(3):
+        save(scans / f"ok {i}.png", np.full((40, 40), 60 * i, np.uint8))
+    (scans / "broken.png").write_bytes(b"\x89PNG broken")
+    (scans / "empty.jpg").write_bytes(b"")
+    model = ["--model", trained / "run" / "best.npz", "--backend", "numpy", "--batch-size", "2"]
+    assert_one_line_error(run("predict", scans, "--out", tmp_path / "p", *model), "broken.png", "--skip-bad")
+    r = run("predict", scans, "--out", tmp_path / "p", *model, "--skip-bad")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "p").glob("*_mask.png")) == [f"ok {i}_mask.png" for i in range(3)]
+    skipped = [ln for ln in r.stderr.splitlines() if ln.startswith("skipped")]
+    assert len(skipped) == 2 and "broken.png" in skipped[0] + skipped[1] and "empty.jpg" in skipped[0] + skipped[1]
+    assert "skipped 2" in r.stdout
+    (scans / "ok 0.png").unlink()
+    (scans / "ok 1.png").unlink()
+    (scans / "ok 2.png").unlink()
+    assert_one_line_error(run("predict", scans, "--out", tmp_path / "p2", *model, "--skip-bad"), "none of the 2")
+
+
+def test_predict_no_overlay_and_an_8_bit_probability_map(trained, tmp_path):
+    from minunet.checkpoint import load_checkpoint
+    from minunet.data import read_gray
+    from minunet.inference import probabilities
+
+    img = trained / "data" / "Infection Segmentation Data" / "Test" / "COVID-19" / "images" / "COVID_19 (Test 1).png"
+    r = run("predict", img, "--out", tmp_path / "p", "--model", trained / "run" / "best.npz", "--backend", "numpy",
+            "--no-overlay", "--save-prob")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["COVID_19 (Test 1)_mask.png",
+                                                                "COVID_19 (Test 1)_prob.png"]
+    prob = Image.open(tmp_path / "p" / "COVID_19 (Test 1)_prob.png")
+    assert prob.mode == "L" and prob.size == (40, 40)
+    p = next(probabilities(load_checkpoint(trained / "run" / "best.npz").build_model(), [read_gray(img)], 32))
+    assert np.array_equal(np.asarray(prob), np.rint(p.astype(np.float64) * 255).astype(np.uint8))  # 255 = 1
+
+
+def test_predict_and_quantify_never_read_their_own_outputs(trained, tmp_path):
+    scans = tmp_path / "scans"
+    for i in range(2):
+        save(scans / f"scan {i}.png", np.full((40, 40), 80 * i, np.uint8))
+    model = trained / "run" / "best.npz"
+    for _ in range(2):  # the second run finds the first one's masks, overlays and maps in the folder
+        r = run("predict", scans, "--out", scans, "--model", model, "--backend", "numpy", "--save-prob")
+        assert r.exit_code == 0, r.output
+        assert "wrote 2 mask(s)" in r.stdout
+    assert sorted(p.name for p in scans.iterdir()) == sorted(
+        f"scan {i}{s}.png" for i in range(2) for s in ("", "_mask", "_overlay", "_prob"))
+    for _ in range(2):
+        r = run("quantify", scans, "--out", scans, "--lung-model", model, "--infection-model", model,
+                "--backend", "numpy")
+        assert r.exit_code == 0, r.output
+        assert "quantified 2 image(s)" in r.stdout
+    # named one by one (a shell glob), they are left out too; only outputs: nothing to do
+    r = run("predict", *sorted(scans.glob("*.png")), "--out", scans, "--model", model, "--backend", "numpy")
+    assert r.exit_code == 0 and "wrote 2 mask(s)" in r.stdout, r.output
+    assert_one_line_error(run("predict", scans / "scan 0_mask.png", "--out", scans, "--model", model),
+                          "every input is a file that predict or quantify wrote")
+
+
+# -- evaluate: images the model was trained on, per-image scores, probability maps ----------
+
+
+def test_checkpoints_record_the_training_list_and_evaluate_warns_about_those_images(trained, tmp_path):
+    import shutil
+
+    from minunet.checkpoint import load_checkpoint
+
+    split = json.loads((trained / "run" / "split.json").read_text())
+    model = tmp_path / "best.npz"  # away from its run folder: the checkpoint itself must say
+    shutil.copy(trained / "run" / "best.npz", model)
+    ck = load_checkpoint(model)
+    assert ck.meta["split"]["train"] == split["train"] and ck.meta["train_config"]["data"]
+    base = ["evaluate", trained / "data", "--model", model, "--backend", "numpy", "--json"]
+    r = run(*base, "--split", "train")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_trained_on"] == len(split["train"]) == 9
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "9 of the 12" in warnings[0], r.stderr
+    r = run(*base)  # the test split: held out
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_trained_on"] == 0 and "warning" not in r.stderr
+    # DATA pointing below the training data root still matches by class and file name
+    r = run(*base[:1], trained / "data" / "Infection Segmentation Data" / "Train" / "Normal", *base[2:])
+    assert json.loads(r.stdout)["n_trained_on"] == sum("/Normal/" in n for n in split["train"])
+
+
+def test_evaluate_writes_per_image_scores_and_probability_maps(trained, tmp_path):
+    import csv
+
+    r = run("evaluate", trained / "data", "--model", trained / "run" / "best.npz", "--backend", "numpy", "--json",
+            "--per-image", tmp_path / "scores.csv", "--save-prob", tmp_path / "prob")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    with open(tmp_path / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+        assert rows and list(rows[0]) == ["image", "class", "dice", "iou", "pred_px", "ref_px"]
+    assert len(rows) == res["n_images"] == 12
+    assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(res["dice"], abs=1e-4)
+    assert {r["class"] for r in rows} == {"COVID-19", "Non-COVID", "Normal"}
+    assert all(r["image"].startswith("Infection Segmentation Data/Test/") for r in rows)
+    for row in rows:
+        prob = Image.open(tmp_path / "prob" / f"{Path(row['image']).stem}_prob.png")
+        assert prob.mode == "L" and prob.size == (32, 32)  # the size the scores are computed at
+        assert int((np.asarray(prob) > 127).sum()) == int(row["pred_px"])  # 255 = probability 1
+        assert int(row["ref_px"]) > 0
+
+
+def test_minunet_with_no_arguments_prints_the_help():
+    r = run()
+    assert r.exit_code == 0, r.output
+    assert "Usage:" in r.output and "Commands:" in r.output and "Error" not in r.output
+
+
+def test_paths_the_file_system_refuses_are_one_line(trained, tmp_path):
+    (tmp_path / "a file").write_text("not a folder")
+    (tmp_path / "a folder").mkdir()
+    model = trained / "run" / "best.npz"
+    img = trained / "data" / "Infection Segmentation Data" / "Test" / "Normal" / "images" / "Normal (Test 0).png"
+    assert_one_line_error(run("predict", img, "--out", tmp_path / "a file", "--model", model, "--backend", "numpy"),
+                          "a file")
+    base = ["evaluate", trained / "data", "--model", model, "--backend", "numpy"]
+    assert_one_line_error(run(*base, "--per-image", tmp_path / "a folder"), "a folder")
+    assert_one_line_error(run(*base, "--save-prob", tmp_path / "a file"), "a file")
+    assert_one_line_error(run("export", model, tmp_path / "a folder"), "a folder")

@@ -134,3 +134,40 @@ def test_tiny_unet_overfits_one_batch():
         opt.step()
         losses.append(loss)
     assert losses[-1] < losses[0] / 10, f"loss went {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_inference_forward_is_bitwise_the_training_forward_and_keeps_no_cache(backend):
+    m = UNet(1, 4, 3, backend=backend, seed=0)
+    randomize_biases(m, np.random.default_rng(1))
+    x = np.random.default_rng(2).random((3, 1, 32, 40)).astype(np.float32)
+    trained = m.forward(x)
+    inferred = m.forward(x, train=False)
+    assert inferred.dtype == trained.dtype and np.array_equal(inferred, trained)
+    layers = [layer for _, layer in m.named_layers()] + m.pools
+    assert all(layer.cache is None for layer in layers)  # the training forward's caches are gone too
+    assert np.array_equal(m.predict_proba(x), m.backend.sigmoid(trained))
+
+
+def test_inference_frees_activations_as_it_goes():
+    """Traced by tracemalloc (numpy backend): an inference forward keeps nothing once it returns (and drops
+    what a training forward kept), and its peak stays well under the training forward's, which holds every
+    layer's input for the backward pass."""
+    import tracemalloc
+
+    m = UNet(1, 8, 3, backend="numpy", seed=0)
+    x = np.random.default_rng(0).random((4, 1, 64, 64)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        m.forward(x, train=False)
+        kept_infer, peak_infer = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        m.forward(x)
+        kept_train, peak_train = tracemalloc.get_traced_memory()
+        m.forward(x, train=False)
+        kept_after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert kept_train > 50 * x.nbytes  # every layer's input and output, for the backward pass
+    assert kept_infer < 0.01 * kept_train and kept_after < 0.01 * kept_train
+    assert peak_infer < 0.7 * peak_train, (peak_infer, peak_train)

@@ -1,7 +1,8 @@
 """One-line errors for the command line.
 
 Every command runs inside ``MinunetGroup``: a ``MinunetError`` (bad data, bad
-checkpoint, bad settings) or a click usage error becomes one line on stderr,
+checkpoint, bad settings), an ``OSError`` (a path the file system refuses) or a
+click usage error becomes one line on stderr,
 
     Error: <what is wrong, which file, what to do>
 
@@ -52,11 +53,24 @@ def _one_line_warnings(show_other):
 class MinunetGroup(click.Group):
     """A click group whose errors are one line and exit 2 (usage errors included)."""
 
+    def parse_args(self, ctx, args):
+        # ``minunet`` alone asks what there is: the help, exit 0 (click >= 8.2 makes it a usage error).
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            click.echo(ctx.get_help(), color=ctx.color)
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MinunetError as e:
             raise CliError(str(e)) from None
+        except OSError as e:
+            # The file system said no (a file where a folder is wanted, no permission, a full disk): the
+            # user's to fix, so one line naming the path (of a rename, the destination).
+            path = e.filename2 or e.filename
+            raise CliError(f"{e.strerror or e}{f': {path}' if path else ''}: check the path, its permissions "
+                           "and the free disk space") from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:

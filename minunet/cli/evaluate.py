@@ -19,7 +19,8 @@ from minunet.evaluation import THRESHOLD
 
 
 def choose_split(index, split):
-    """The items to score: --split, or by default test (when it has masks), else val, else all."""
+    """The items to score: --split, or by default test (when it has masks), else val, else all; but train
+    when other splits lack masks (a Test split as COVID-QU-Ex ships it, images only, is for predict)."""
     from minunet.errors import DataError
 
     def with_masks(items):
@@ -31,7 +32,8 @@ def choose_split(index, split):
                 split = s
                 break
         else:
-            split = "all"
+            use_all = with_masks(index.items("all")) or not with_masks(index.splits.get("train"))
+            split = "all" if use_all else "train"
     items = index.items(split)
     for it in items:
         if it.mask is None:
@@ -70,6 +72,59 @@ def filter_items(items, only, subset=None):
     return kept, label
 
 
+def trained_on(items, split: dict) -> list:
+    """The ``items`` that a model trained on ``split`` (the file lists its checkpoint records) saw in training.
+
+    An item matches a training name when one path ends with the other (DATA may sit above or below the
+    training data root) or, for COVID-QU-Ex, by class and file name (a copy in another folder)."""
+    names = split.get("train") or []
+    tails = {"/".join(n.split("/")[i:]) for n in names for i in range(len(n.split("/")))}
+    by_class = set()
+    if split.get("layout") == "covid-qu-ex":
+        by_class = {(p[-3], p[-1]) for p in (n.split("/") for n in names) if len(p) >= 3}
+    full = set(names)
+
+    def seen(it):
+        parts = it.name.split("/")
+        return (it.name in tails or any("/".join(parts[i:]) in full for i in range(len(parts)))
+                or (it.group, parts[-1]) in by_class)
+
+    return [it for it in items if seen(it)]
+
+
+def write_per_image(path, rows):
+    """The per-image scores as CSV (evaluation.PER_IMAGE_COLUMNS), Dice and IoU to 6 decimals."""
+    import csv
+    from pathlib import Path
+
+    from minunet.evaluation import PER_IMAGE_COLUMNS
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=PER_IMAGE_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "dice": f"{r['dice']:.6f}", "iou": f"{r['iou']:.6f}"})
+
+
+def probability_writer(folder, names):
+    """``evaluate_model``'s ``each_probability``: writes image i's map as <name>_prob.png (8-bit, 255 =
+    probability 1) into ``folder``, named after ``names[i]`` (a relative path)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from minunet.cli.common import unique_name
+    from minunet.inference import to_8bit
+
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    used = set()
+    stems = [unique_name(Path(n).stem, used) for n in names]
+    return lambda i, prob: Image.fromarray(to_8bit(prob)).save(folder / f"{stems[i]}_prob.png")
+
+
 @click.command("evaluate")
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("--model", "model_path", type=click.Path(path_type=str), default=None,
@@ -95,8 +150,13 @@ def filter_items(items, only, subset=None):
 @click.option("--base-channels", type=int, default=None, help="Check the checkpoint has this width.")
 @click.option("--depth", type=int, default=None, help="Check the checkpoint has this depth.")
 @click.option("--cache-dir", type=click.Path(path_type=str), default=None)
+@click.option("--per-image", type=click.Path(path_type=str), default=None,
+              help="Write each image's scores to this CSV: image, class, dice, iou, pred_px, ref_px.")
+@click.option("--save-prob", type=click.Path(path_type=str), default=None,
+              help="Write each image's probability map to this folder: <name>_prob.png, 8-bit (255 = probability "
+                   "1), at the size it is scored at.")
 def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_area, keep_largest, only, subset,
-                 batch_size, backend, base_channels, depth, cache_dir):
+                 batch_size, backend, base_channels, depth, cache_dir, per_image, save_prob):
     """Score a model on DATA: mean per-image Dice and IoU, pooled Dice, per class.
 
     \b
@@ -105,7 +165,11 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_ar
       minunet evaluate data/ --model runs/lung/best.npz --json
       minunet evaluate DATA --model runs/lung/best.npz --only runs/lung/split.json
       minunet evaluate "Infection Segmentation Data" --only covid-qu-ex --subset test
+      minunet evaluate DATA --model runs/lung/best.npz --per-image scores.csv --save-prob prob/
+
+    Warns when images it scores are in the model's training list (which every checkpoint records).
     """
+    from minunet.checkpoint import path_name
     from minunet.cli.errors import CliError
     from minunet.data import default_cache_dir, find_data, load_arrays
     from minunet.evaluation import evaluate_model
@@ -133,14 +197,23 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_ar
     bar.clear()
     ev = evaluate_model(model, arrays, batch_size, threshold,
                         progress=lambda _e, done, total: bar.update("evaluating", done, total),
-                        keep_largest_k=keep_largest, min_area=min_area)
+                        keep_largest_k=keep_largest, min_area=min_area,
+                        each_probability=probability_writer(save_prob, arrays.names) if save_prob else None)
     bar.clear()
+    if per_image:
+        write_per_image(per_image, ev.per_image_rows())
+    n_seen = None if "split" not in ck.meta else len(trained_on(items, ck.meta["split"]))
+    if n_seen:
+        trained_data = path_name(ck.meta.get("train_config", {}).get("data", "")) or "its data"
+        click.echo(f"warning: {n_seen} of the {len(items)} images scored were in this model's training set "
+                   f"({trained_data}; matched by name): these scores overstate how it does on new images; "
+                   "score held-out images (--split test, or --only RUN/split.json)", err=True)
     s = ev.summary
     if as_json:
         out = ev.to_json()
         out.update(split=split, data=str(index.root), mask=index.mask, model=str(ck.path), size=size,
                    threshold=threshold, min_area=min_area, keep_largest=keep_largest,
-                   masks=arrays.mask_stats.describe())
+                   masks=arrays.mask_stats.describe(), n_trained_on=n_seen)
         click.echo(strict_json(out))
         return
     if note:

@@ -19,17 +19,18 @@ from minunet.cli.common import (
 )
 
 
-def collect_cases(inputs, only=None, subset=None):
+def collect_cases(inputs, only=None, subset=None, out=None):
     """[(image path, reference lung mask or None, reference lesion mask or None)] from INPUT arguments.
 
-    A COVID-QU-Ex folder gives every image with its 'lung masks' and 'infection masks' twins
-    (``only``/``subset`` pick a list of a split file, as for evaluate); files and plain folders
-    give images without references."""
+    A COVID-QU-Ex folder gives every image with its 'lung masks' and 'infection masks' twins, when it has
+    them (``only``/``subset`` pick a list of a split file, as for evaluate); files and plain folders
+    give images without references. What predict or quantify wrote to ``out`` is never an input."""
     from minunet.cli.evaluate import filter_items
-    from minunet.cli.predict import collect_inputs
+    from minunet.cli.predict import collect_inputs, is_own_output
     from minunet.data import find_data, subdir
     from minunet.errors import DataError
 
+    out = None if out is None else Path(out).expanduser()
     cases = []
     for arg in inputs:
         p = Path(arg).expanduser()
@@ -42,9 +43,9 @@ def collect_cases(inputs, only=None, subset=None):
         if index is None or index.layout != "covid-qu-ex":
             if only:
                 raise DataError(f"--only needs a COVID-QU-Ex folder, but {p} is not one: drop --only")
-            cases += [(f, None, None) for f in collect_inputs([arg])]
+            cases += [(f, None, None) for f in collect_inputs([arg], out)]
             continue
-        items = index.items("all")
+        items = [it for it in index.items("all") if not is_own_output(it.image, out)]
         if only:
             items, _ = filter_items(items, only, subset)
         for it in items:
@@ -109,7 +110,7 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, 
         raise CliError(f"--batch-size must be >= 1, got {batch_size}")
     if subset and not only:
         raise CliError("--subset chooses a list of the --only split file: give --only too")
-    cases = collect_cases(inputs, only, subset)
+    cases = collect_cases(inputs, only, subset, out)
     models = []  # (model, input size, threshold, min_area): the lung model, then the lesion model
     for path, option, area in ((lung_model, "--lung-model", 0.0), (infection_model, "--infection-model", min_area)):
         model, ck, note = load_model(path, backend.lower(), option=option)

@@ -26,6 +26,7 @@ from minunet.errors import DataError
 QU_PARTS = ("Lung Segmentation Data", "Infection Segmentation Data")
 MASK_KINDS = ("lung", "infection")
 QU_MASK_DIRS = {"lung": "lung masks", "infection": "infection masks"}
+QU_CLASSES = ("covid-19", "non-covid", "normal")  # lower case: folder names are matched ignoring case
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -105,22 +106,26 @@ def subdir(d: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def _is_qu_class(d: Path) -> bool:
-    return subdir(d, "images") is not None and any(subdir(d, m) for m in QU_MASK_DIRS.values())
+def _is_qu_class(d: Path, masks_optional: bool = False) -> bool:
+    """images/ with a mask folder beside it; or, when masks are optional (predict, evaluate), images/ in a
+    folder named as a COVID-QU-Ex class: the official Test split has no mask folders."""
+    if subdir(d, "images") is None:
+        return False
+    return any(subdir(d, m) for m in QU_MASK_DIRS.values()) or (masks_optional and d.name.lower() in QU_CLASSES)
 
 
-def _qu_classes(d: Path) -> list[Path]:
+def _qu_classes(d: Path, masks_optional: bool = False) -> list[Path]:
     if not d.is_dir():
         return []
-    return sorted((_check_utf8(c) for c in _entries(d, lambda c: c.is_dir() and _is_qu_class(c))),
+    return sorted((_check_utf8(c) for c in _entries(d, lambda c: c.is_dir() and _is_qu_class(c, masks_optional))),
                   key=lambda c: c.name)
 
 
-def _qu_split_dirs(d: Path) -> dict:
+def _qu_split_dirs(d: Path, masks_optional: bool = False) -> dict:
     out = {}
     for s in SPLITS:
         sd = subdir(d, s)
-        if sd is not None and _qu_classes(sd):
+        if sd is not None and _qu_classes(sd, masks_optional):
             out[s] = sd
     return out
 
@@ -196,13 +201,14 @@ def find_data(root, mask: str = "lung", require_masks: bool = True) -> DataIndex
             raise DataError(f"{root} has no '{QU_PARTS[1]}' folder, which --mask infection needs: use --mask lung")
         part = subdir(root, wanted[0])
     splits = {}
-    split_dirs = _qu_split_dirs(part)
+    optional = not require_masks
+    split_dirs = _qu_split_dirs(part, optional)
     if split_dirs:
         for s, sd in split_dirs.items():
-            splits[s] = [it for c in _qu_classes(sd) for it in _scan_qu_class(c, mask, root, require_masks)]
-    elif _qu_classes(root):
-        splits["all"] = [it for c in _qu_classes(root) for it in _scan_qu_class(c, mask, root, require_masks)]
-    elif _is_qu_class(root):
+            splits[s] = [it for c in _qu_classes(sd, optional) for it in _scan_qu_class(c, mask, root, require_masks)]
+    elif _qu_classes(root, optional):
+        splits["all"] = [it for c in _qu_classes(root, optional) for it in _scan_qu_class(c, mask, root, require_masks)]
+    elif _is_qu_class(root, optional):
         splits["all"] = _scan_qu_class(root, mask, root.parent, require_masks)
     if splits:
         layout = "covid-qu-ex"
