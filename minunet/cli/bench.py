@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
+
+from minunet.cli.common import strict_json
 
 
 @click.command("bench")
@@ -44,7 +44,7 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, a
     step = lib.train_step(be, base, depth, batch_size, size, repeats, torch_compare=torch_compare, progress=progress)
     result["step"] = step
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(strict_json(result, indent=2))
         return
     click.echo(f"training step (forward + BCE + backward + Adam): {step['step_ms']:.0f} ms, "
                f"{step['images_per_s']:.2f} images/s; first step {step['first_step_s']:.2f} s")

@@ -40,7 +40,7 @@ def unique_name(stem: str, used: set) -> str:
     return name
 
 
-def strict_json(obj) -> str:
+def strict_json(obj, **kw) -> str:
     """JSON that strict parsers accept: a NaN or infinite float becomes null (never a bare NaN)."""
     import json
     import math
@@ -54,7 +54,7 @@ def strict_json(obj) -> str:
             return [clean(x) for x in v]
         return v
 
-    return json.dumps(clean(obj), allow_nan=False)
+    return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
 def check_postprocess(threshold, min_area):

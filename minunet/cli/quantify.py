@@ -15,6 +15,7 @@ from minunet.cli.common import (
     config_option,
     load_model,
     postprocess_of,
+    strict_json,
     unique_name,
 )
 
@@ -95,7 +96,6 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, 
       minunet quantify "Infection Segmentation Data" --only covid-qu-ex --subset test --out quant/
     """
     import csv
-    import json
 
     from PIL import Image
 
@@ -150,7 +150,7 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, 
         for r in rows:
             w.writerow({k: _csv_value(r.get(k)) for k in fields})
     summary = summarise(rows, refs if has_refs else None)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
     if no_lung:
         click.echo(f"warning: no lung found in {len(no_lung)} image(s) (empty cells in the CSV), e.g. {no_lung[0]}",
                    err=True)
