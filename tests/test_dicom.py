@@ -131,6 +131,19 @@ def test_a_voi_lut_wins_over_the_window_and_is_scaled_by_its_entries(tmp_path):
 
 
 @needs_pydicom
+def test_a_voi_lut_that_cannot_be_applied_is_one_line(tmp_path):
+    from pydicom.dataset import Dataset
+
+    lut = Dataset()
+    lut.LUTDescriptor = [256, 0, 9]  # 9 bits per entry: not a depth the standard allows (8, 10-16)
+    lut.add_new(0x00283006, "US", list(range(256)))
+    path = write_dicom(tmp_path / "x.dcm", sample_xray(), bits=8, VOILUTSequence=[lut])
+    with pytest.raises(DataError, match=r"x\.dcm has a Modality LUT, VOI LUT or window that cannot be applied"):
+        read_gray(path)
+    assert_one_line_error(run("predict", path, "--out", tmp_path / "p", *TINY_RUN), "x.dcm", "VOI LUT")
+
+
+@needs_pydicom
 def test_a_modality_lut_sequence_is_applied_before_the_range(tmp_path):
     from pydicom.dataset import Dataset
 

@@ -188,10 +188,16 @@ def read_dicom(path) -> tuple[np.ndarray, str]:
             return np.asarray(Image.fromarray(arr).convert("L"), dtype=np.uint8).copy(), "DICOM (colour to grey)"
         raise DataError(f"DICOM file {path} is {photometric} with {ds.get('BitsStored', '?')} bits: only grey "
                         "(MONOCHROME1/2) and 8-bit colour images can be read; convert it to MONOCHROME2")
-    x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    if not np.isfinite(x).all():
-        raise DataError(f"DICOM file {path} holds NaN or inf values: replace or remove the file")
-    y, how = _voi(x, ds)
+    try:
+        x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        if not np.isfinite(x).all():
+            raise DataError(f"DICOM file {path} holds NaN or inf values: replace or remove the file")
+        y, how = _voi(x, ds)
+    except DataError:
+        raise
+    except Exception as e:  # a malformed LUT or window: pydicom raises ValueError, NotImplementedError, struct.error...
+        raise DataError(f"DICOM file {path} has a Modality LUT, VOI LUT or window that cannot be applied "
+                        f"({type(e).__name__}: {e}): fix or remove the file") from None
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
     inverted = photometric == "MONOCHROME1" or shape == "INVERSE"
     if inverted:
