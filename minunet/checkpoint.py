@@ -1,4 +1,5 @@
-"""Checkpoints: model weights, Adam state, position in training and config, in one .npz.
+"""Checkpoints: model weights, Adam state, position in training and config, in one .npz; and the
+model files ``minunet export`` writes for other tools (.safetensors, .onnx), each with a config.json.
 
 Layout of the archive (``np.savez``, no pickles; ``np.savez_compressed`` for an export, which
 ``np.load`` reads the same way):
@@ -8,6 +9,12 @@ Layout of the archive (``np.savez``, no pickles; ``np.savez_compressed`` for an 
     meta                 JSON: model config, train config, epoch, step, batch, RNG scheme, history...
     param/<name>         every model parameter (float32, or float16 for a shipped model)
     adam_m/<name>, adam_v/<name>   Adam's moments (absent in weights-only files)
+
+A ``.safetensors`` export holds the same weights under PyTorch's names (``torch_twin.torch_name``:
+``enc.0.0.weight``...), in PyTorch's layouts, so ``load_state_dict`` takes them; its metadata holds
+``__minunet__``, ``format_version``, ``meta`` (the same JSON) and the architecture as strings.
+``load_checkpoint`` reads both (a safetensors file is recognised by its header, whatever its name),
+so an exported .safetensors is a model file wherever minunet takes one.
 
 Writes go to a temporary file in the same folder, then ``os.replace``
 (``atomicfile.atomic_write``): a crash, a kill, Ctrl-C or a full disk mid-write
@@ -24,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from minunet.atomicfile import atomic_write
-from minunet.errors import CheckpointError
+from minunet.errors import CheckpointError, ConfigError
 
 MAGIC = "minunet-checkpoint"
 FORMAT_VERSION = 1
 MODEL_KEYS = ("in_channels", "base_channels", "depth")
+FORMATS = ("npz", "safetensors", "onnx")  # what ``minunet export`` writes; the first two are read back
 
 
 def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None, compress=False) -> Path:
@@ -62,6 +70,66 @@ def save_checkpoint(path, model, optimizer=None, meta=None, weights_dtype=None, 
             arrays[f"adam_v/{name}"] = state["v"][name]
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays))
+
+
+def save_safetensors(path, model, meta, weights_dtype=None) -> Path:
+    """Write ``model``'s parameters under their PyTorch names (as ``weights_dtype``; None keeps the model's)
+    with ``meta`` in the metadata (safetensors metadata is string -> string: JSON and numbers as text)."""
+    from safetensors.numpy import save
+
+    from minunet.torch_twin import torch_name
+
+    meta = {**meta, "model": model.config, "weights_dtype": str(np.dtype(weights_dtype or model.dtype)),
+            "has_optimizer": False}
+    tensors = {torch_name(n): np.ascontiguousarray(model.backend.to_host(p), dtype=weights_dtype or model.dtype)
+               for n, p in model.params.items()}
+    metadata = {"format": "pt", "__minunet__": MAGIC, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta),
+                **{k: str(model.config[k]) for k in MODEL_KEYS}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: f.write(save(tensors, metadata)))
+
+
+def is_safetensors(path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length that fits the file, then a JSON object."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(meta, params by minunet name) of a safetensors file written by ``save_safetensors``."""
+    from safetensors import SafetensorError, safe_open
+
+    from minunet.model import UNet
+    from minunet.torch_twin import torch_name
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k).copy() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is a damaged safetensors file ({e}): export it again") from None
+    if metadata.get("__minunet__") != MAGIC:
+        raise CheckpointError(f"{path} is a safetensors file without minunet's metadata: minunet reads the "
+                              ".safetensors that 'minunet export' writes (or a .npz written by 'minunet train')")
+    version = int(metadata.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format {version}, newer than this minunet ({FORMAT_VERSION}): "
+                              "upgrade minunet")
+    meta = json.loads(metadata["meta"])
+    depth = meta["model"]["depth"]
+    levels = {k.split(".")[1] for k in tensors if k.startswith("enc.")}
+    if depth != len(levels):
+        raise CheckpointError(f"{path} says depth {depth} but holds {len(levels)} encoder levels: export it again")
+    # The parameter names depend on the depth only: a 1-channel U-Net of that depth lists them cheaply.
+    names = {torch_name(n): n for n in UNet(1, 1, depth).params}
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:
+        raise CheckpointError(f"{path} holds {unknown[0]}, which is not a weight of minunet's U-Net of depth "
+                              f"{depth}: export it again")
+    return meta, {names[k]: a for k, a in tensors.items()}
 
 
 # -- export: what a shipped model keeps of its training record ---------------------------------
@@ -104,15 +172,82 @@ def exported_meta(ck: Checkpoint) -> dict:
     return meta
 
 
-def export_checkpoint(src, out, weights_dtype="float16", postprocess=None) -> Path:
+def format_of(out, fmt=None) -> str:
+    """The format to write ``out`` in: ``fmt`` when given, else its suffix's (.npz, .safetensors, .onnx),
+    else npz. ConfigError when ``fmt`` and a known suffix disagree, or OUT ends in .json (its config's name)."""
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix == "json":
+        raise ConfigError(f"{out} ends in .json, the name of the config written beside the model: "
+                          "name the model file e.g. model.safetensors")
+    if fmt is None:
+        return suffix if suffix in FORMATS else "npz"
+    if suffix in FORMATS and suffix != fmt:
+        raise ConfigError(f"--format {fmt} but {out} ends in .{suffix}: name it {Path(out).with_suffix('.' + fmt)}")
+    return fmt
+
+
+def config_path(out) -> Path:
+    """Where the config of an export to ``out`` goes: ``out`` with its suffix replaced by .json."""
+    return Path(out).with_suffix(".json")
+
+
+def export_config(meta: dict, input_size: int, file: Path, about_file: dict) -> dict:
+    """The config.json of an export: what another tool needs to run the model (architecture, input,
+    post-processing), the training recipe and record without the split lists, and under ``files``
+    what each exported file holds (``about_file``: format, weights dtype, output...). The formats of
+    one model exported to the same stem share the config: an existing one of the same model keeps
+    its other files' entries."""
+    cfg = {
+        "model": {"architecture": "U-Net (minunet)", **{k: meta["model"][k] for k in MODEL_KEYS}},
+        "input": {"layout": "NCHW", "channels": meta["model"]["in_channels"], "size": input_size,
+                  "multiple_of": 2 ** meta["model"]["depth"],
+                  "preprocess": "8-bit grey image (DICOM: windowed), resized bilinear to size x size, divided by 255"},
+        "postprocess": {"threshold": 0.5, "min_area": 0.0, **meta.get("postprocess", {})},
+    }
+    cfg.update({k: meta[k] for k in ("minunet_version", "exported_from", "train_config", "state") if k in meta})
+    if "split" in meta:
+        cfg["split"] = {k: len(v) if isinstance(v, list) else v for k, v in meta["split"].items()}
+    try:
+        old = json.loads(config_path(file).read_text())
+    except (OSError, ValueError):
+        old = None
+    same = isinstance(old, dict) and isinstance(old.get("files"), dict) and \
+        {k: v for k, v in old.items() if k != "files"} == cfg
+    cfg["files"] = {**(old["files"] if same else {}), file.name: about_file}
+    return cfg
+
+
+def export_checkpoint(src, out, weights_dtype="float16", postprocess=None, fmt="npz", sigmoid=False,
+                      dynamic=False) -> Path:
     """Write ``src``'s weights (as ``weights_dtype``; None keeps float32) with ``exported_meta``, without
-    the optimizer state, compressed: the file to ship or share. ``postprocess`` (threshold, min_area)
-    becomes the model's default post-processing in evaluate, predict and quantify."""
+    the optimizer state, in ``fmt`` (npz compressed, safetensors, or an ONNX graph: ``export_onnx``),
+    and its config.json beside (``config_path``): the file to ship or share. ``postprocess``
+    (threshold, min_area) becomes the model's default post-processing in evaluate, predict and quantify."""
     ck = load_checkpoint(src)
     meta = exported_meta(ck)
     if postprocess:
         meta["postprocess"] = {**meta.get("postprocess", {}), **postprocess}
-    return save_checkpoint(out, ck.build_model("numpy"), None, meta, weights_dtype, compress=True)
+    model = ck.build_model("numpy")
+    dtype = str(np.dtype(weights_dtype or model.dtype))
+    about = {"format": fmt, "weights_dtype": dtype, "output": "logit (apply a sigmoid)"}
+    if fmt == "npz":
+        path = save_checkpoint(out, model, None, meta, weights_dtype, compress=True)
+    elif fmt == "safetensors":
+        path = save_safetensors(out, model, meta, weights_dtype)
+        about["torch"] = {"module": "minunet.torch_twin.torch_twin(in_channels, base_channels, depth)",
+                          "layouts": "Conv2d (Cout, Cin, k, k), ConvTranspose2d (Cin, Cout, 2, 2)"}
+    elif fmt == "onnx":
+        from minunet.export_onnx import save_onnx
+
+        path, graph = save_onnx(out, model, {**meta, "model": model.config}, dtype, ck.input_size, dynamic, sigmoid)
+        about.update(graph)
+        if sigmoid:
+            about["output"] = "probability (the sigmoid is in the graph)"
+    else:
+        raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    cfg = export_config({**meta, "model": model.config}, ck.input_size, path, about)
+    atomic_write(config_path(path), lambda f: f.write((json.dumps(cfg, indent=2) + "\n").encode()))
+    return path
 
 
 class Checkpoint:
@@ -273,35 +408,44 @@ def check_finite(path, arrays: dict, what: str) -> None:
 
 
 def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint; CheckpointError when it is missing, damaged or not a minunet checkpoint, when its
-    meta does not have the parts and types ``check_meta`` wants, or when a weight is NaN or infinite."""
+    """Read a checkpoint (.npz, or a .safetensors written by ``minunet export``); CheckpointError when it
+    is missing, damaged or not a minunet checkpoint, when its meta does not have the parts and types
+    ``check_meta`` wants, or when a weight is NaN or infinite."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(
             f"model file {path} does not exist: pass --model with a checkpoint (e.g. runs/x/best.npz)"
         )
     if not path.is_file():
-        raise CheckpointError(f"{path} is not a file: pass --model with a checkpoint .npz file")
-    not_ours = f"{path} is not a minunet checkpoint: pass a .npz written by 'minunet train'"
+        raise CheckpointError(f"{path} is not a file: pass --model with a checkpoint .npz or .safetensors file")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path} is an ONNX model, for other tools (e.g. onnxruntime): pass minunet the "
+                              ".npz or .safetensors it was exported from")
+    not_ours = f"{path} is not a minunet checkpoint: pass a .npz written by 'minunet train' (or a minunet export)"
+    adam = None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            if "__minunet__" not in files or str(z["__minunet__"]) != MAGIC:
-                raise CheckpointError(not_ours)
-            version = int(z["format_version"])
-            if version > FORMAT_VERSION:
-                raise CheckpointError(f"checkpoint {path} has format {version}, newer than this minunet "
-                                      f"({FORMAT_VERSION}): upgrade minunet")
-            meta = json.loads(str(z["meta"]))
-            params = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
-            adam = json.loads(str(z["adam"])) if "adam" in files else None
-            check_meta(path, meta, adam)
-            if adam is not None:
-                adam["m"] = {k[len("adam_m/"):]: z[k] for k in z.files if k.startswith("adam_m/")}
-                adam["v"] = {k[len("adam_v/"):]: z[k] for k in z.files if k.startswith("adam_v/")}
+        if is_safetensors(path):
+            meta, params = _read_safetensors(path)
+            check_meta(path, meta, None)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                files = set(z.files)
+                if "__minunet__" not in files or str(z["__minunet__"]) != MAGIC:
+                    raise CheckpointError(not_ours)
+                version = int(z["format_version"])
+                if version > FORMAT_VERSION:
+                    raise CheckpointError(f"checkpoint {path} has format {version}, newer than this minunet "
+                                          f"({FORMAT_VERSION}): upgrade minunet")
+                meta = json.loads(str(z["meta"]))
+                params = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
+                adam = json.loads(str(z["adam"])) if "adam" in files else None
+                check_meta(path, meta, adam)
+                if adam is not None:
+                    adam["m"] = {k[len("adam_m/"):]: z[k] for k in z.files if k.startswith("adam_m/")}
+                    adam["v"] = {k[len("adam_v/"):]: z[k] for k in z.files if k.startswith("adam_v/")}
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError, json.JSONDecodeError):
         raise CheckpointError(not_ours) from None
     check_finite(path, params, "parameter")
     if adam is not None:

@@ -1,4 +1,4 @@
-"""``minunet export``: a weights-only copy of a checkpoint (optionally float16), e.g. to ship a model."""
+"""``minunet export``: a weights-only copy of a checkpoint (optionally float16), as .npz, .safetensors or ONNX."""
 
 from __future__ import annotations
 
@@ -8,37 +8,55 @@ import click
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["npz", "safetensors", "onnx"]), default=None,
+              show_default="from OUT's suffix, else npz", help="File format of OUT.")
 @click.option("--float16/--float32", "half", default=True, show_default=True, help="Storage type of the weights.")
 @click.option("--threshold", type=float, default=None,
               help="Store this probability threshold as the model's default (evaluate, predict, quantify).")
 @click.option("--min-area", type=float, default=None,
               help="Store this minimum component area (share of the image) as the model's default.")
-def export_cmd(checkpoint, out, half, threshold, min_area):
-    """Write CHECKPOINT's weights and config to OUT without the optimizer state.
+@click.option("--sigmoid", is_flag=True, help="ONNX: end the graph with a Sigmoid (probabilities, not logits).")
+@click.option("--dynamic", is_flag=True,
+              help="ONNX: any batch size and image size (multiples of 2**depth) instead of 1 x 1 x SIZE x SIZE.")
+def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic):
+    """Write CHECKPOINT's weights and config to OUT without the optimizer state, and OUT's config
+    (architecture, input size, post-processing, training recipe) beside it as OUT with .json.
 
     \b
-    OUT keeps the model config, the training recipe and record, and the split lists (from the run
-    folder's split.json); every path of the training machine is reduced to its last two names
-    (the data set's name, e.g. COVID-QU-Ex/Infection Segmentation Data).
+    Formats:
+      npz          minunet's own; keeps the training record and the split lists (from the run
+                   folder's split.json); every path of the training machine is reduced to its
+                   last two names (the data set's name, e.g. COVID-QU-Ex/Infection Segmentation Data)
+      safetensors  the weights under PyTorch's names and layouts (load_state_dict takes them), the
+                   record in its metadata; minunet reads it back wherever it takes a model
+      onnx         the forward graph (opset 17) for ONNX Runtime and other tools (pip install
+                   'minunet[onnx]'); input 'image' 1 x 1 x SIZE x SIZE (the training size)
 
     \b
     Examples:
       minunet export runs/lung/best.npz minunet/assets/model/lung_unet.npz
       minunet export runs/lung/best.npz lung32.npz --float32
       minunet export runs/inf/best.npz infection_unet.npz --threshold 0.6 --min-area 0.01
+      minunet export lung_unet.npz lung_unet.safetensors
+      minunet export lung_unet.npz lung_unet.onnx --float32 --sigmoid --dynamic
     """
     from pathlib import Path
 
-    from minunet.checkpoint import export_checkpoint
+    from minunet.checkpoint import config_path, export_checkpoint, format_of
     from minunet.cli.common import check_postprocess
-    from minunet.errors import OutputError
+    from minunet.errors import ConfigError, OutputError
 
     check_postprocess(threshold, min_area)
+    fmt = format_of(out, fmt)
+    if (sigmoid or dynamic) and fmt != "onnx":
+        raise ConfigError(f"--sigmoid and --dynamic shape an ONNX graph, but OUT is written as {fmt}: "
+                          "add --format onnx (or name OUT .onnx)")
     if Path(out).is_dir():
-        raise OutputError(f"{out} is a folder: give the file to write, e.g. {Path(out) / 'model.npz'}")
+        raise OutputError(f"{out} is a folder: give the file to write, e.g. {Path(out) / ('model.' + fmt)}")
     pp = {k: v for k, v in (("threshold", threshold), ("min_area", min_area)) if v is not None}
     try:
-        path = export_checkpoint(checkpoint, out, "float16" if half else None, pp)
+        path = export_checkpoint(checkpoint, out, "float16" if half else None, pp, fmt, sigmoid, dynamic)
     except OSError as e:  # reading errors are CheckpointErrors: this is the write (a full disk, a file in the path)
         raise OutputError(f"cannot write {out} ({e.strerror or e}): choose another path") from None
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {'float16' if half else 'float32'} weights)")
+    click.echo(f"wrote {path} ({fmt}, {path.stat().st_size / 1e6:.2f} MB, {'float16' if half else 'float32'} "
+               f"weights) and {config_path(path)}")

@@ -8,7 +8,10 @@ Images become 8-bit grey (H, W) arrays (``read_image``):
   the image's largest value (12-bit data whose maximum is 4095, or 3000: bits 12, scaled by
   255/4095), never fewer than 8 (16-bit files that hold 8-bit values are kept as they are);
 - float data (and signed integers) min-max scaled: the image's smallest value -> 0, largest -> 255;
-  NaN or inf is refused.
+  NaN or inf is refused;
+- DICOM (a ``.dcm`` file, or one without an extension that carries the DICOM preamble) as radiology
+  software shows it: Modality LUT, VOI LUT or window (else a robust range), MONOCHROME1 inverted
+  (``dicom.py``).
 
 Masks are read without converting to grey (``read_mask``): a colour mask's foreground is where any
 channel is, and a transparent pixel is background. Then the rule comes from the values the mask
@@ -37,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from minunet.atomicfile import atomic_write, remove_stale_temporaries
+from minunet.data.dicom import looks_like_dicom, read_dicom
 from minunet.data.discover import Item
 from minunet.errors import DataError, MinunetWarning
 
@@ -103,8 +107,10 @@ def _grey_rgb(rgb: np.ndarray) -> bool:
 
 def read_image(path) -> tuple[np.ndarray, str | None]:
     """(8-bit grey (H, W) uint8 array, note): the note says how a file that is not 8-bit grey was read
-    (e.g. '12-bit (scaled by 255/4095)'), None for 8-bit grey."""
+    (e.g. '12-bit (scaled by 255/4095)', 'DICOM (window)'), None for 8-bit grey."""
     path = Path(path)
+    if looks_like_dicom(path):
+        return read_dicom(path)
     with _opened(path) as im:
         if im.mode in ("L", "1"):
             return np.asarray(im.convert("L"), dtype=np.uint8).copy(), None
@@ -131,6 +137,8 @@ def read_mask(path) -> tuple[np.ndarray, bool]:
     """(mask values (H, W) uint8, in colour): a colour mask's value is the largest of its channels
     (lungs drawn in red are 255, not grey 76), a transparent pixel is 0; wide data is scaled as images are."""
     path = Path(path)
+    if looks_like_dicom(path):  # DICOM's masks (SEG objects) hold segments in frames, not a picture
+        raise DataError(f"mask {path} is a DICOM file: save each mask as a PNG (0 background, 255 foreground)")
     with _opened(path) as im:
         if im.mode in ("L", "1"):
             return np.asarray(im.convert("L"), dtype=np.uint8).copy(), False

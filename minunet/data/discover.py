@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from minunet.data.dicom import looks_like_dicom
 from minunet.errors import DataError
 
 QU_PARTS = ("Lung Segmentation Data", "Infection Segmentation Data")
@@ -28,7 +29,7 @@ MASK_KINDS = ("lung", "infection")
 QU_MASK_DIRS = {"lung": "lung masks", "infection": "infection masks"}
 QU_CLASSES = ("covid-19", "non-covid", "normal")  # lower case: folder names are matched ignoring case
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,11 @@ def _entries(d: Path, keep) -> list[Path]:
 
 
 def is_image(p: Path) -> bool:
-    """A visible file with an image extension (IMAGE_EXTS, any case)."""
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    """A visible file with an image extension (IMAGE_EXTS, any case), or a DICOM file without one
+    (``dicom.looks_like_dicom``: the preamble is read only of files with no or a numeric extension)."""
+    if p.name.startswith(".") or not p.is_file():
+        return False
+    return p.suffix.lower() in IMAGE_EXTS or looks_like_dicom(p)
 
 
 def list_images(d: Path) -> list[Path]:
