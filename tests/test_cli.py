@@ -622,3 +622,13 @@ def test_paths_the_file_system_refuses_are_one_line(trained, tmp_path):
     assert_one_line_error(run(*base, "--per-image", tmp_path / "a folder"), "a folder")
     assert_one_line_error(run(*base, "--save-prob", tmp_path / "a file"), "a file")
     assert_one_line_error(run("export", model, tmp_path / "a folder"), "a folder")
+
+
+def test_outputs_of_uid_named_dicom_files_keep_their_whole_name():
+    from pathlib import Path
+
+    from minunet.cli.common import output_stem, unique_name
+
+    used = set()
+    names = [unique_name(output_stem(Path(f)), used) for f in ("1.2.840.55.3", "1.2.840.55.4", "a.png", "a.dcm")]
+    assert names == ["1.2.840.55.3", "1.2.840.55.4", "a", "a_2"]

@@ -31,6 +31,12 @@ def config_option(*decls, **kw):
     return click.option(*decls, default=default, show_default=default is not None, **kw)
 
 
+def output_stem(f: Path) -> str:
+    """The name an input's outputs are called by: its stem, or its whole name when the "suffix" is a
+    number (DICOM files named by UID, e.g. 1.2.840.113619.2.55.3, differ only there)."""
+    return f.name if f.suffix[1:].isdigit() else f.stem
+
+
 def unique_name(stem: str, used: set) -> str:
     """``stem``, or ``stem_2``, ``stem_3``... when an earlier input had the same name; added to ``used``."""
     name, k = stem, 2

@@ -128,7 +128,8 @@ def probability_writer(folder, names):
 @click.command("evaluate")
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("--model", "model_path", type=click.Path(path_type=str), default=None,
-              show_default="the shipped model of --mask", help="Checkpoint (.npz) written by 'minunet train'.")
+              show_default="the shipped model of --mask",
+              help="Checkpoint (.npz) of 'minunet train', or a .safetensors of 'minunet export'.")
 @config_option("--mask", type=MASKS)
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
               help="[default: test if it has masks, else val, else all]")

@@ -13,6 +13,7 @@ from minunet.cli.common import (
     check_postprocess,
     config_option,
     load_model,
+    output_stem,
     postprocess_of,
     shipped_model,
     unique_name,
@@ -94,7 +95,8 @@ def report_skipped(skipped, shown=20):
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", type=click.Path(path_type=str), required=True, help="Folder for the masks and overlays.")
 @click.option("--model", "model_path", type=click.Path(path_type=str), default=None,
-              show_default="the shipped model of --mask", help="Checkpoint (.npz) written by 'minunet train'.")
+              show_default="the shipped model of --mask",
+              help="Checkpoint (.npz) of 'minunet train', or a .safetensors of 'minunet export'.")
 @config_option("--mask", type=MASKS, help="Which shipped model segments, when --model is not given.")
 @click.option("--threshold", type=float, default=None, show_default=f"the model's, else {THRESHOLD}",
               help="Foreground where sigmoid(logit) > THRESHOLD.")
@@ -153,7 +155,7 @@ def predict_cmd(inputs, out, model_path, mask, threshold, min_area, keep_largest
         grays = [g for _, g in read]
         for (f, g), p in zip(read, probabilities(model, grays, size, batch_size), strict=True):
             m = keep_k(drop_small(p > threshold, min_area), keep_largest)
-            name = unique_name(f.stem, used)
+            name = unique_name(output_stem(f), used)
             Image.fromarray((m * 255).astype(np.uint8)).save(out / f"{name}_mask.png")
             if not no_overlay:
                 Image.fromarray(overlay(g, m)).save(out / f"{name}_overlay.png")

@@ -14,6 +14,7 @@ from minunet.cli.common import (
     check_postprocess,
     config_option,
     load_model,
+    output_stem,
     postprocess_of,
     strict_json,
     unique_name,
@@ -140,7 +141,7 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, 
                 ref = ref.as_dict()
             rows.append(row)
             refs.append(ref)
-            Image.fromarray(picture(g, lung, inf, d)).save(out / f"{unique_name(f.stem, used)}_quantify.png")
+            Image.fromarray(picture(g, lung, inf, d)).save(out / f"{unique_name(output_stem(f), used)}_quantify.png")
         bar.update("quantifying", min(start + batch_size, len(cases)), len(cases))
     bar.clear()
     fields = ["image", *COLUMNS] + (["ref_infected_percent", "ref_severity_score"] if has_refs else [])
