@@ -27,6 +27,8 @@ class EvalResult:
     per_group: dict  # class name -> summary
     dice_per_image: np.ndarray
     names: list
+    groups: list  # each image's class ("" for data without classes)
+    counts: tuple  # per image (|P & G|, |P|, |G|): int64 arrays, as metrics.counts gives them
 
     def to_json(self) -> dict:
         out = dict(self.summary)
@@ -63,4 +65,4 @@ def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = TH
     summary = overall.summary()
     summary["loss"] = loss_sum / max(len(data), 1)
     return EvalResult(summary, {g: a.summary() for g, a in sorted(groups.items())}, overall.per_image_dice(),
-                      list(data.names))
+                      list(data.names), list(data.groups), overall.arrays())
