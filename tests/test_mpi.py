@@ -244,3 +244,34 @@ def test_an_error_every_rank_meets_is_printed_once(data_dir, tmp_path):
         r = mpiexec(*CLI, "train", data_dir, "--out", tmp_path / "none", *extra, check=False, timeout=60)
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("Error:") == 1, r.stderr
+
+
+@needs_mpi
+def test_two_numba_ranks_of_one_thread_repeat_bit_for_bit(data_dir, two_rank_run, tmp_path):
+    """The default CPU backend: each rank's pool has one thread; two runs give the same bytes, and they
+    agree with the numpy backend's 2-rank run to float32 rounding."""
+    for name in ("n1", "n2"):
+        cli_train(data_dir, tmp_path / name, backend="numba")
+    p1, m1, _, _ = load(tmp_path / "n1" / "last.npz")
+    p2, m2, _, _ = load(tmp_path / "n2" / "last.npz")
+    pn, *_ = load(two_rank_run / "last.npz")
+    for n in p1:
+        assert np.array_equal(p1[n], p2[n]) and np.array_equal(m1[n], m2[n]), n
+        assert np.abs(p1[n] - pn[n]).max() <= 1e-5, n
+
+
+@pytest.mark.gpu
+@needs_mpi
+def test_two_cupy_ranks_reduce_through_the_host(data_dir, two_rank_run, tmp_path):
+    """On one GPU both ranks use it (rank i of a machine takes GPU i modulo its GPUs); the gradients go
+    through the host reduction: the run agrees with the numpy backend's 2-rank run to float32 rounding."""
+    from minunet.kernels.cupy import cuda_status
+
+    has_gpu, why = cuda_status()
+    if not has_gpu:
+        pytest.skip(why)
+    cli_train(data_dir, tmp_path / "gpu", backend="cupy")
+    pg, *_ = load(tmp_path / "gpu" / "last.npz")
+    pn, *_ = load(two_rank_run / "last.npz")
+    for n in pg:
+        assert np.abs(pg[n] - pn[n]).max() <= 1e-5, n
