@@ -11,7 +11,8 @@ What the ranks share (docs/internals.md, "Training on several processes (MPI)", 
     shard(n)             this rank's contiguous part [lo, hi) of a batch of n images
     sum_gradients(...)   every rank's gradient gathered on rank 0, added in rank order, sent back
     share_state(...)     parameters, Adam moments and the position sent from rank 0, then compared
-    evaluate(...)        each rank scores whole validation batches; the per-image counts are merged
+    evaluate(...)        each rank scores whole validation batches (batch_range); the per-image counts
+                         are merged (merged)
     agree(fn)            fn() on every rank; an error on any rank is raised on every rank
     local_first(fn)      fn() on the first rank of each machine, then on the others (the data cache)
     any(flag)            whether any rank raised ``flag`` (a stop request)
@@ -273,18 +274,27 @@ class Ranks:
         self.check_same(digest.digest(), "parameters after the broadcast from rank 0")
         return state
 
+    def batch_range(self, n: int, batch_size: int) -> tuple[int, int]:
+        """This rank's items [lo, hi) of n scored in batches of ``batch_size``: a contiguous run of whole
+        batches (``shard_range`` over the batches), so each batch holds the images it holds in one process."""
+        b_lo, b_hi = shard_range(num_batches(n, batch_size), self.size, self.rank)
+        return b_lo * batch_size, min(b_hi * batch_size, n)
+
+    def merged(self, mine: EvalResult) -> EvalResult:
+        """Every rank's EvalResult of its ``batch_range``, merged in rank order (``merge_results``), on every
+        rank."""
+        return mine if self.size == 1 else merge_results(self.comm.allgather(mine))
+
     def evaluate(self, model, data: ArraySet, batch_size: int, progress=None, **kw) -> EvalResult:
-        """``evaluate_model`` with the set's batches shared out: each rank scores a contiguous run of whole
-        batches (the same batches one process would score, so the same logits), and the per-image counts of
-        every rank are merged in order (``merge_results``): Dice and IoU equal one process's exactly. Every
-        rank gets the result; ``progress`` is called on rank 0 for its part."""
+        """``evaluate_model`` with the set's batches shared out (``batch_range``): the same batches one process
+        would score, so the same logits, and the per-image counts merged (``merged``): Dice and IoU equal one
+        process's exactly. Every rank gets the result; ``progress`` is called on rank 0 for its part."""
         if self.size == 1:
             return evaluate_model(model, data, batch_size, progress=progress, **kw)
-        b_lo, b_hi = shard_range(num_batches(len(data), batch_size), self.size, self.rank)
-        lo, hi = b_lo * batch_size, min(b_hi * batch_size, len(data))
+        lo, hi = self.batch_range(len(data), batch_size)
         mine = evaluate_model(model, subset(data, lo, hi), batch_size, progress=progress if self.is_root else None,
                               **kw)
-        return merge_results(self.comm.allgather(mine))
+        return self.merged(mine)
 
     def pick_gpu(self):
         """With several ranks on a machine, rank i of the machine uses GPU i (modulo the GPUs it has)."""
