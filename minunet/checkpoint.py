@@ -134,7 +134,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 # -- export: what a shipped model keeps of its training record ---------------------------------
 
-MACHINE_SETTINGS = ("out", "cache_dir", "workers")  # where and how fast it ran, not what it learned
+MACHINE_SETTINGS = ("out", "cache_dir", "workers", "threads")  # where and how fast it ran, not what it learned
 FILE_SETTINGS = ("data", "exclude", "split_file", "init")  # files of the training machine: kept by name
 KEPT_STATE = ("epoch", "step", "history", "best_dice", "best_epoch")  # the record, not the position in an epoch
 KEPT_SPLIT = ("layout", "mask", "val_source", "excluded", "train", "val")  # names relative to the data folder

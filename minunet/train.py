@@ -25,6 +25,13 @@ full disk, a read-only folder) stops the run with an ``OutputError`` that says
 which checkpoint is kept. A model too large for the memory is refused before
 anything is allocated (``footprint.check_training_memory``).
 
+Several processes (``mpiexec -n 4 minunet train ...``, distributed.py): each rank computes the
+gradient of its contiguous share of every batch (``batch_gradient``), the gradients are summed in
+rank order, and every rank takes the same Adam step; validation batches are shared out too. Rank 0
+alone locks and writes the run folder and reports progress. A stop (a signal, a non-finite loss) is
+decided by all ranks together, so every rank stops after the same step. A run resumed on another
+number of ranks records it under "changes" (no longer bitwise comparable from there).
+
 Nothing here prints: every event goes to ``progress(event, **info)``, which the
 CLI renders (events: note, backend, data, decode, epoch_start, batch, validate,
 epoch_end, interrupt_requested, interrupted, nonfinite, diverged, done).
@@ -32,7 +39,9 @@ epoch_end, interrupt_requested, interrupted, nonfinite, diverged, done).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,8 +64,8 @@ from minunet.data import (
     split_from_file,
 )
 from minunet.data.split_files import NAMED as NAMED_SPLITS
-from minunet.errors import ConfigError, DataError, OutputError
-from minunet.evaluation import evaluate_model
+from minunet.distributed import limit_threads, world
+from minunet.errors import ConfigError, DataError, MinunetError, OutputError
 from minunet.footprint import check_training_memory
 from minunet.interrupt import InterruptGuard
 from minunet.kernels import open_backend
@@ -113,6 +122,7 @@ class TrainConfig:
     init: str | None = None  # a checkpoint whose weights the model starts from (Adam starts fresh)
     cache_dir: str | None = None  # None: data.default_cache_dir(); "" disables the cache
     workers: int = 2  # decoding threads
+    threads: int | None = None  # compute threads per process; None: all cores, shared by a machine's MPI ranks
 
     def validate(self):
         """Raise ConfigError for settings that cannot work."""
@@ -125,6 +135,7 @@ class TrainConfig:
             (self.depth >= 1, f"--depth must be >= 1, got {self.depth}"),
             (0 < self.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {self.val_fraction}"),
             (self.limit is None or self.limit >= 2, f"--limit must be >= 2, got {self.limit}"),
+            (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),
             (self.lr_schedule in LR_SCHEDULES, f"unknown --lr-schedule {self.lr_schedule!r}"),
             (self.loss in LOSSES, f"unknown --loss {self.loss!r}: choose {' or '.join(LOSSES)}"),
             (self.mask in MASK_KINDS, f"unknown --mask {self.mask!r}: choose {' or '.join(MASK_KINDS)}"),
@@ -200,11 +211,27 @@ def _smaller_lr_advice(cfg: TrainConfig, out: Path, saved_at: str | None) -> str
 def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = False) -> TrainResult:
     """Train a UNet as ``cfg`` says; ``resume`` continues the run in ``cfg.out``.
 
-    The run folder is checked (a folder, writable) and locked before anything is decoded or trained."""
-    emit = progress or (lambda event, **info: None)
-    cfg.validate()
-    cfg = resolve_paths(cfg)
-    out = Path(cfg.out).expanduser()
+    The run folder is checked (a folder, writable) and locked before anything is decoded or trained.
+    Under mpiexec every rank calls this (distributed.py); only rank 0's ``progress`` is called."""
+    ranks = world()
+    emit = (progress if ranks.is_root else None) or (lambda event, **info: None)
+    with ranks.ending_every_rank_on_error(), contextlib.ExitStack() as stack:
+        ranks.agree(cfg.validate)
+        cfg = resolve_paths(cfg)
+        out = Path(cfg.out).expanduser()
+        ranks.from_root(lambda: _open_run_folder(out, resume, stack, emit))
+        guard = stack.enter_context(InterruptGuard(emit))
+        try:
+            return _train_locked(cfg, out, emit, guard, resume, force, ranks)
+        except _StopBeforeTraining:
+            msg = f"interrupted ({guard.requested or 'SIGINT'}) before the first step: nothing to save"
+            emit("interrupted", epoch=0, batch=0, message=msg)
+            return TrainResult("interrupted", out, message=msg, stopped_by=guard.requested or "SIGINT")
+
+
+def _open_run_folder(out: Path, resume: bool, stack: contextlib.ExitStack, emit):
+    """Check the run folder ``out`` (a folder; one to resume holds a run), create it, and lock it until
+    ``stack`` closes; remove what dead writers left there."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder: choose another --out")
     if resume:
@@ -215,30 +242,46 @@ def train(cfg: TrainConfig, progress=None, resume: bool = False, force: bool = F
         except OSError as e:
             raise OutputError(f"cannot create the run folder {out} ({e.strerror or e}): choose another --out") \
                 from None
-    with lock_run_folder(out) as stale, InterruptGuard(emit) as guard:
-        if stale:
-            emit("note", message=f"removed a stale lock of PID {stale['pid']} (started {stale['started']}; "
-                                 "that process no longer runs)")
-        removed = remove_stale_temporaries(out)
-        if removed:
-            emit("note", message=f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left "
-                                 f"in {out} by processes that no longer run")
-        try:
-            return _train_locked(cfg, out, emit, guard, resume, force)
-        except _StopBeforeTraining:
-            msg = f"interrupted ({guard.requested}) before the first step: nothing to save"
-            emit("interrupted", epoch=0, batch=0, message=msg)
-            return TrainResult("interrupted", out, message=msg, stopped_by=guard.requested)
+    stale = stack.enter_context(lock_run_folder(out))
+    if stale:
+        emit("note", message=f"removed a stale lock of PID {stale['pid']} (started {stale['started']}; "
+                             "that process no longer runs)")
+    removed = remove_stale_temporaries(out)
+    if removed:
+        emit("note", message=f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left "
+                             f"in {out} by processes that no longer run")
+
+
+def batch_gradient(model, loss: str, x, y, ranks) -> float:
+    """The loss of the batch (x, y), and its gradient in ``model.grads``, on every rank.
+
+    Each rank takes its contiguous share x[lo:hi] (``ranks.shard``). Both losses are means over
+    the batch (BCE over its pixels, the soft Dice over its images), so the share's loss and its
+    gradient w.r.t. the logits are scaled by (hi - lo) / len(x): summed over the ranks they are the
+    whole batch's, to float rounding. One process takes the whole batch unscaled."""
+    be = model.backend
+    lo, hi = ranks.shard(len(x))
+    model.zero_grad()
+    part = 0.0
+    if hi > lo:  # a batch smaller than the number of ranks leaves some ranks without images
+        logits = model.forward(be.asarray(x[lo:hi]))
+        part, dz = loss_and_grad(loss, logits, be.asarray(y[lo:hi]), be)
+        if ranks.size > 1:
+            share = (hi - lo) / len(x)
+            part *= share
+            dz *= share
+        model.backward(dz)
+    return ranks.sum_gradients(model.grads, part, be)
 
 
 class _StopBeforeTraining(Exception):
     """A signal asked to stop while the data was decoded."""
 
 
-def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resume: bool, force: bool):
-    """The training itself, in the locked run folder ``out``: check what --resume continues, decode the
-    data, then the epochs; ``guard.requested`` stops it between steps with a saved last.npz."""
-    ck: Checkpoint | None = None
+def _read_prior(cfg: TrainConfig, out: Path, resume: bool, force: bool) -> dict:
+    """What the run folder holds, read on rank 0: for --resume, the run's settings (checked against
+    ``cfg``), backend, number of ranks, file lists and last.npz; else the --init checkpoint, if any."""
+    prior = {"saved": None, "ran_on": None, "ran_ranks": 1, "old_split": None, "ck": None, "init": None}
     if resume:
         info = load_run_info(out)
         saved = info["train"]
@@ -247,39 +290,58 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
         if diffs:
             raise ConfigError(f"--resume: the flags do not match the run in {out}: {', '.join(diffs)}; "
                               "drop those flags to continue the run as it was")
-        ran_on = info.get("backend")  # as resolved: never 'auto'
         ck = load_checkpoint(out / "last.npz")
         if ck.adam is None:
             raise ConfigError(f"{out / 'last.npz'} holds weights only: it cannot resume training")
+        prior.update(saved=saved, ran_on=info.get("backend"),  # as resolved: never 'auto'
+                     ran_ranks=info.get("ranks", 1), old_split=load_run_split(out), ck=ck)
     elif (out / "last.npz").exists() and not force:
         raise ConfigError(f"{out} already holds a run: continue it with --resume, or choose another --out "
                           "(or --force to start over)")
-    init = None
-    if cfg.init and ck is None:  # checked before the data is decoded
+    elif cfg.init:  # checked before the data is decoded
         init = load_checkpoint(cfg.init)
         init.check_model_config({"in_channels": 1, "base_channels": cfg.base_channels, "depth": cfg.depth},
                                 "--init needs a checkpoint of the same --base-channels and --depth")
+        prior["init"] = init
+    return prior
 
-    index = find_data(cfg.data, cfg.mask)
-    exclude = read_exclude(cfg.exclude) if cfg.exclude else None
-    if cfg.split_file:
-        split = split_from_file(index, cfg.split_file, exclude)
-    else:
-        split = make_split(index, cfg.val_fraction, cfg.seed, cfg.limit, exclude)
-    backend, note = open_backend(cfg.backend)
-    if resume and ran_on and backend.name != ran_on:  # the same ops in another order round differently
-        raise ConfigError(f"--resume: the run in {out} used the {ran_on} backend; resuming on {backend.name} would "
-                          f"not continue it bit for bit: pass --backend {ran_on}, or start a new run from its weights "
-                          f"with --init {out / 'last.npz'} and another --out")
-    emit("backend", name=backend.name, note=note)
-    split_json = split.to_json(index)
-    if resume:
-        old = load_run_split(out)
-        if old is None or old.get("train") != split_json["train"] or old.get("val") != split_json["val"]:
+
+def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resume: bool, force: bool, ranks):
+    """The training itself, in the locked run folder ``out``: check what --resume continues, decode the
+    data, then the epochs; ``guard.requested`` stops it between steps with a saved last.npz. Each stage
+    that can fail on some ranks only ends in ``ranks.agree``, so every rank stops with the same error."""
+    prior = ranks.from_root(lambda: _read_prior(cfg, out, resume, force))
+    ck: Checkpoint | None = prior["ck"]
+    saved, ran_on = prior["saved"], prior["ran_on"]
+
+    def find():
+        index = find_data(cfg.data, cfg.mask)
+        exclude = read_exclude(cfg.exclude) if cfg.exclude else None
+        if cfg.split_file:
+            split = split_from_file(index, cfg.split_file, exclude)
+        else:
+            split = make_split(index, cfg.val_fraction, cfg.seed, cfg.limit, exclude)
+        if ranks.size > 1 or cfg.threads:
+            limit_threads(cfg.threads or ranks.default_threads())
+        if cfg.backend in ("auto", "cupy"):
+            ranks.pick_gpu()
+        backend, note = open_backend(cfg.backend)
+        if resume and ran_on and backend.name != ran_on:  # the same ops in another order round differently
+            raise ConfigError(f"--resume: the run in {out} used the {ran_on} backend; resuming on {backend.name} "
+                              f"would not continue it bit for bit: pass --backend {ran_on}, or start a new run from "
+                              f"its weights with --init {out / 'last.npz'} and another --out")
+        split_json = split.to_json(index)
+        old = prior["old_split"]
+        if resume and (old is None or old.get("train") != split_json["train"] or old.get("val") != split_json["val"]):
             raise ConfigError(f"--resume: the data in {cfg.data} no longer gives the file lists in "
                               f"{out / 'split.json'}: restore the data or start a new run")
-    check_training_memory(cfg.base_channels, cfg.depth, cfg.size, cfg.batch_size, len(split.train) + len(split.val),
-                          backend)
+        check_training_memory(cfg.base_channels, cfg.depth, cfg.size, -(-cfg.batch_size // ranks.size),
+                              len(split.train) + len(split.val), backend)
+        return index, split, split_json, backend, note
+
+    index, split, split_json, backend, note = ranks.agree(find)
+    ranks.check_same(json.dumps(split_json, sort_keys=True).encode(), "training and validation files")
+    emit("backend", name=backend.name, note=note)
     cache_dir = default_cache_dir() if cfg.cache_dir is None else (cfg.cache_dir or None)
 
     def decode_progress(what):
@@ -290,12 +352,16 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
 
         return report
 
-    train_set = load_arrays(split.train, cfg.size, cache_dir, cfg.workers, decode_progress("train"))
-    if cfg.mask == "lung" and train_set.mask_stats.all_empty():  # every image has lungs: these masks are wrong
-        raise DataError(f"every lung mask of the {len(train_set)} training images in {index.root} is empty: check "
-                        "the masks (lungs marked with 255, or 1, on 0)")
-    val_set = load_arrays(split.val, cfg.size, cache_dir, cfg.workers, decode_progress("val"))
-    if guard.requested:
+    def decode():
+        train_set = load_arrays(split.train, cfg.size, cache_dir, cfg.workers, decode_progress("train"))
+        if cfg.mask == "lung" and train_set.mask_stats.all_empty():  # every image has lungs: these masks are wrong
+            raise DataError(f"every lung mask of the {len(train_set)} training images in {index.root} is empty: "
+                            "check the masks (lungs marked with 255, or 1, on 0)")
+        return train_set, load_arrays(split.val, cfg.size, cache_dir, cfg.workers, decode_progress("val"))
+
+    # With a cache, the first rank of each machine decodes and writes it, and its other ranks read it.
+    train_set, val_set = (ranks.local_first if cache_dir else ranks.agree)(decode, (MinunetError, _StopBeforeTraining))
+    if ranks.any(guard.requested):
         raise _StopBeforeTraining
     emit("data", describe=index.describe(), n_train=len(train_set), n_val=len(val_set), val_source=split.source,
          excluded=split.excluded, masks=train_set.mask_stats.describe(), cached=train_set.cached and val_set.cached)
@@ -307,25 +373,40 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
     state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "n_seen": 0, "seconds": 0.0,
              "history": [], "best_dice": -1.0, "best_epoch": 0, "changes": []}
     saved_at = None  # where this run's last.npz stands, once there is one
+
+    def load():
+        if ck is not None:
+            ck.load_into(model, opt)
+            for k in state:
+                state[k] = ck.meta["state"].get(k, state[k])  # checkpoints before "changes" have none
+        elif prior["init"] is not None:
+            prior["init"].load_into(model)
+
+    ranks.agree(load)
     if ck is not None:
-        ck.load_into(model, opt)
-        for k in state:
-            state[k] = ck.meta["state"].get(k, state[k])  # checkpoints before "changes" have none
         saved_at = _position(state)
+        at = {"epoch": state["epoch"] + 1, "batch": state["batch"], "step": state["step"]}
+        where = f"at epoch {at['epoch']}, batch {at['batch']} (step {at['step']}): from there this run is no longer"
         if cfg.lr != saved["lr"]:
-            change = {"setting": "lr", "from": saved["lr"], "to": cfg.lr, "epoch": state["epoch"] + 1,
-                      "batch": state["batch"], "step": state["step"]}
-            state["changes"] = state["changes"] + [change]
-            emit("note", message=f"--lr changed from {saved['lr']:g} to {cfg.lr:g} at epoch {change['epoch']}, "
-                                 f"batch {change['batch']} (step {change['step']}): from there this run is no longer "
-                                 f"bitwise comparable with one that kept --lr {saved['lr']:g} (config.json lists "
-                                 "the change under \"changes\")")
-    elif init is not None:
-        init.load_into(model)
+            state["changes"] = state["changes"] + [{"setting": "lr", "from": saved["lr"], "to": cfg.lr, **at}]
+            emit("note", message=f"--lr changed from {saved['lr']:g} to {cfg.lr:g} {where} bitwise comparable with "
+                                 f"one that kept --lr {saved['lr']:g} (config.json lists the change under "
+                                 "\"changes\")")
+        if prior["ran_ranks"] != ranks.size:
+            state["changes"] = state["changes"] + [{"setting": "ranks", "from": prior["ran_ranks"],
+                                                    "to": ranks.size, **at}]
+            emit("note", message=f"resumed on {ranks.size} process(es), the run had {prior['ran_ranks']} {where} "
+                                 "bitwise comparable with one that kept the same number (each rank's share of a "
+                                 "batch and the order of the sums change; config.json lists the change under "
+                                 "\"changes\")")
+    state = ranks.share_state(model, opt, state)  # rank 0's weights, moments and position on every rank
     augment = Augment() if cfg.augment else None
 
     def write(path: Path, how):
-        """Run ``how()``, which writes ``path``; an OSError (a full disk...) stops the run saying what is kept."""
+        """Run ``how()``, which writes ``path``, on rank 0; an OSError (a full disk...) stops the run saying what
+        is kept."""
+        if not ranks.is_root:
+            return
         try:
             how()
         except OSError as e:
@@ -343,13 +424,14 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
         "data": {"layout": index.layout, "root": str(index.root), "n_train": len(train_set), "n_val": len(val_set),
                  "val_source": split.source, "excluded": split.excluded, "masks": train_set.mask_stats.describe()},
         "changes": state["changes"],
+        "ranks": ranks.size,
     }
-    write(out / "config.json", lambda: write_run_info(out, run_info, split_json))
+    ranks.agree(lambda: write(out / "config.json", lambda: write_run_info(out, run_info, split_json)))
 
     def meta():  # "split": the file lists travel with the weights, so evaluate can tell training images apart
         return {"train_config": _json_config(cfg), "state": dict(state), "minunet_version": __version__,
                 "rng": {"scheme": "numpy default_rng: order [seed, epoch], augmentation [seed, epoch, batch]",
-                        "seed": cfg.seed}, "split": split_json}
+                        "seed": cfg.seed}, "split": split_json, "ranks": ranks.size}
 
     def save(name):
         nonlocal saved_at
@@ -357,15 +439,21 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
         if name == "last.npz":
             saved_at = _position(state)
 
-    def validate_progress(event, **info):  # an interrupt stops the validation too (it is redone on resume)
+    def validate_progress(event, **info):
         emit(event, **info)
-        if guard.requested:
-            raise KeyboardInterrupt
+        if guard.requested and ranks.size == 1:  # an interrupt stops the validation too (redone on resume);
+            raise KeyboardInterrupt  # ranks stop only together: after the validation, below
 
-    be = model.backend
+    def epoch_files():  # at the end of an epoch
+        save("last.npz")
+        if state["best_epoch"] == state["epoch"]:
+            save("best.npz")
+        write(out / "history.csv", lambda: write_history(out / "history.csv", state["history"]))
+        write(out / "curves.png", lambda: draw_curves(out / "curves.png", state["history"]))
+
     consistent = True  # False while the parameters are half-way through an update
     try:
-        if guard.requested:  # asked to stop since the data was decoded
+        if ranks.any(guard.requested):  # asked to stop since the data was decoded
             raise KeyboardInterrupt
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
@@ -376,9 +464,7 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
             for b, x, y in loader:
                 lr = learning_rate(cfg, state["step"], total_steps)
                 opt.lr = lr
-                model.zero_grad()
-                logits = model.forward(be.asarray(x))
-                loss, dz = loss_and_grad(cfg.loss, logits, be.asarray(y), be)
+                loss = batch_gradient(model, cfg.loss, x, y, ranks)
                 if not math.isfinite(loss) or loss > DIVERGED_LOSS:
                     status = "nonfinite" if not math.isfinite(loss) else "diverged"
                     what = (f"the loss became {loss}" if status == "nonfinite" else
@@ -388,7 +474,6 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
                            f"{_smaller_lr_advice(cfg, out, saved_at)}")
                     emit(status, epoch=epoch + 1, batch=b + 1, loss=loss, message=msg)
                     return TrainResult(status, out, state["history"], state["best_dice"], state["best_epoch"], msg)
-                model.backward(dz)
                 consistent = False
                 opt.step()
                 state["step"] += 1
@@ -400,10 +485,10 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
                 n_images += len(x)
                 emit("batch", epoch=epoch + 1, batch=b + 1, n_batches=n_b, loss=loss, lr=lr,
                      images_per_s=n_images / max(time.perf_counter() - t_images, 1e-9))
-                if guard.requested:
+                if ranks.any(guard.requested):
                     raise KeyboardInterrupt
             train_seconds = state["seconds"]  # the epoch's training, without its validation
-            ev = evaluate_model(model, val_set, cfg.batch_size, progress=validate_progress)
+            ev = ranks.evaluate(model, val_set, cfg.batch_size, progress=validate_progress)
             seconds = time.perf_counter() - t_start
             s = ev.summary
             score = selection_score(s, cfg.mask)
@@ -418,13 +503,9 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
             if is_best:
                 state["best_dice"], state["best_epoch"] = score, epoch + 1
             state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, n_seen=0, seconds=0.0)
-            save("last.npz")
-            if is_best:
-                save("best.npz")
-            write(out / "history.csv", lambda: write_history(out / "history.csv", state["history"]))
-            write(out / "curves.png", lambda: draw_curves(out / "curves.png", state["history"]))
+            ranks.agree(epoch_files)  # a file rank 0 cannot write stops every rank
             emit("epoch_end", row=row, best=is_best, per_class=ev.per_group)
-            if guard.requested:
+            if ranks.any(guard.requested):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         by = guard.requested or "SIGINT"  # a KeyboardInterrupt without a handled signal is a Ctrl-C

@@ -256,13 +256,15 @@ def test_resume_is_bit_identical_on_numba_too(data_dir, tmp_path):
 def test_the_img_per_s_of_an_epoch_counts_training_only(data_dir, tmp_path, monkeypatch):
     import time
 
-    real = train_mod.evaluate_model
+    import minunet.distributed as distributed_mod  # training validates through Ranks.evaluate
+
+    real = distributed_mod.evaluate_model
 
     def slow_validation(*a, **kw):
         time.sleep(1.0)
         return real(*a, **kw)
 
-    monkeypatch.setattr(train_mod, "evaluate_model", slow_validation)
+    monkeypatch.setattr(distributed_mod, "evaluate_model", slow_validation)
     res = train(cfg(data_dir, tmp_path / "s", epochs=1))
     row = res.history[0]
     assert row["seconds"] > 1.0  # the epoch's time includes validation

@@ -9,7 +9,9 @@ import click
 from click.core import ParameterSource
 
 from minunet.cli.common import BACKENDS, MASKS, SAMPLE_DATA, Bar, config_option
-from minunet.cli.errors import CliError
+from minunet.cli.errors import EXIT_BAD_INPUT, CliError
+from minunet.distributed import world
+from minunet.errors import MinunetError
 from minunet.losses import LOSSES
 from minunet.runfolder import load_run_config
 from minunet.train import LR_SCHEDULES, TrainConfig, train
@@ -100,6 +102,9 @@ class TrainReporter:
                     "(the committed COVID-QU-Ex split) or a JSON file such as a run's split.json.")
 @config_option("--init", type=click.Path(path_type=str),
                help="Start from these weights (a checkpoint of the same width and depth), e.g. a lung model.")
+@config_option("--threads", type=click.IntRange(min=1),
+               help="Compute threads of each process [default: the cores, shared by the processes mpiexec starts "
+                    "on the machine].")
 @config_option("--cache-dir", type=click.Path(path_type=str),
                help="Where decoded images are cached [default: $MINUNET_CACHE or ~/.cache/minunet].")
 @click.option("--no-cache", is_flag=True, help="Decode every time; write no cache.")
@@ -122,15 +127,31 @@ def train_cmd(ctx, data, **opts):
     \b
     Ctrl-C or SIGTERM (a scheduler, docker stop, timeout) saves a resumable last.npz
     and exits with 130 or 143. One training at a time writes in --out (a .lock file).
+
+    \b
+    On several processes (pip install 'minunet[mpi]'): each takes a share of every batch,
+    the gradients are summed, and the run is bitwise repeatable for the same number of them:
+      mpiexec -n 4 minunet train DATA --out runs/lung
+      mpiexec -n 8 -f hosts minunet train DATA --out runs/lung      8 processes on the machines in 'hosts'
     """
+    ranks = world()
+    try:
+        _train(ctx, data, ranks, **opts)
+    except MinunetError as e:
+        if getattr(e, "on_every_rank", False) and not ranks.is_root:
+            ctx.exit(EXIT_BAD_INPUT)  # rank 0 prints it
+        raise
+
+
+def _train(ctx, data, ranks, **opts):
     resume, force, no_cache = opts.pop("resume"), opts.pop("force"), opts.pop("no_cache")
     if no_cache:
         opts["cache_dir"] = ""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in opts.items() if k in fields}
-    if resume:
-        saved = load_run_config(opts["out"])
-        for k in fields - {"out"}:
+    if resume:  # the run folder is rank 0's (the other ranks may run on machines that do not see it)
+        saved = ranks.from_root(lambda: load_run_config(opts["out"]))
+        for k in fields - {"out", "threads"}:  # the threads are the machine's, not the run's
             given = k in values and ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE
             if not given and k in saved and k != "data":
                 values[k] = saved[k]
@@ -143,6 +164,10 @@ def train_cmd(ctx, data, **opts):
     if result.status == "interrupted":
         ctx.exit(128 + signal.Signals[result.stopped_by])  # the shell's status for that signal: 130, 143
     if result.status in ("nonfinite", "diverged"):
+        if not ranks.is_root:
+            ctx.exit(EXIT_BAD_INPUT)  # rank 0 prints it
         raise CliError(result.message)
+    if not ranks.is_root:
+        return
     what = "score (dice_nonempty x (1 - fp_image_rate))" if cfg.mask == "infection" else "Dice"
     click.echo(f"best val {what} {result.best_dice:.4f} at epoch {result.best_epoch}; run folder {result.out}")

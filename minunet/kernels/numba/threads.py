@@ -54,10 +54,31 @@ def flat_ranges(n):
 _pool = None
 _pool_pid = None
 _pool_lock = threading.Lock()
+_threads = None  # set_threads: the pool's size; None: NUMBA_NUM_THREADS (one per core)
 
 
 def _workers() -> int:
-    return max(1, int(numba.config.NUMBA_NUM_THREADS))
+    return _threads or max(1, int(numba.config.NUMBA_NUM_THREADS))
+
+
+def set_threads(n: int):
+    """Use ``n`` threads from now on: the pool's size, and NumPy's OpenBLAS outside the pool (the numpy
+    backend's products). For processes sharing a machine (ranks of an MPI job), so that processes x
+    threads fits its cores. Results do not change: chunk boundaries depend on the shapes alone."""
+    global _pool, _threads
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    with _pool_lock:
+        _threads = int(n)
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+    if _openblas is not None:
+        with _blas_lock:
+            if _blas_depth[0]:  # inside single_threaded_blas: the setting it restores afterwards
+                _blas_depth[1] = int(n)
+            else:
+                _openblas[1](int(n))
 
 
 def run(fn, chunks):
