@@ -34,6 +34,7 @@ import numpy as np
 
 from minunet.postprocess import label_components
 
+BANDS = ((0, 25), (25, 50), (50, 75), (75, 101))  # infected share of the reference lung, percent; 100 is in the last
 COLUMNS = ("lung_px", "infection_px", "infected_percent", "right_lung_percent", "left_lung_percent",
            "right_extent", "left_extent", "severity_score")
 
@@ -101,8 +102,9 @@ def summarise(rows: list[dict], refs: list[dict | None] | None = None) -> dict:
     """summary.json: n_images, n_no_lung, mean_infected_percent, severity_histogram (9 counts, scores 0-8);
     with reference figures (``refs``, one LungDamage dict or None per row), an ``agreement`` object over the
     images whose reference lesion mask is not empty: n, mae_infected_percent (percentage points),
-    severity_exact and severity_within_1 (shares of those images), and n_unscored (images among them where
-    the prediction found no lung, so no figure could be compared)."""
+    severity_exact and severity_within_1 (shares of those images), n_unscored (images among them where
+    the prediction found no lung, so no figure could be compared), and by_band: the mean absolute error
+    of infected_percent by the reference's infected share (0-25, 25-50, 50-75, 75-100%)."""
     pct = [r["infected_percent"] for r in rows if r["infected_percent"] is not None]
     hist = [0] * 9
     for r in rows:
@@ -116,12 +118,18 @@ def summarise(rows: list[dict], refs: list[dict | None] | None = None) -> dict:
                   and g["severity_score"] is not None]
         err = [abs(r["infected_percent"] - g["infected_percent"]) for r, g in scored]
         dsev = [abs(r["severity_score"] - g["severity_score"]) for r, g in scored]
+        bands = []
+        for lo, hi in BANDS:  # the error by how much of the (reference) lung is infected
+            e = [x for x, (_, g) in zip(err, scored, strict=True) if lo <= g["infected_percent"] < hi]
+            bands.append({"band": f"{lo}-{min(hi, 100):g}%", "n": len(e), "mae_infected_percent":
+                          float(np.mean(e)) if e else None})
         out["agreement"] = {
             "n": len(scored),
             "n_unscored": len(pairs) - len(scored),
             "mae_infected_percent": float(np.mean(err)) if err else None,
             "severity_exact": float(np.mean([d == 0 for d in dsev])) if dsev else None,
             "severity_within_1": float(np.mean([d <= 1 for d in dsev])) if dsev else None,
+            "by_band": bands,
         }
     return out
 

@@ -95,6 +95,8 @@ def test_summary_and_agreement():
     assert a["n"] == 1 and a["n_unscored"] == 0
     assert a["mae_infected_percent"] == pytest.approx(100 - 37.5)
     assert a["severity_exact"] == 0.0 and a["severity_within_1"] == 0.0  # 8 vs 4
+    assert [b["n"] for b in a["by_band"]] == [0, 1, 0, 0]  # 37.5% of the reference lung is infected
+    assert a["by_band"][1] == {"band": "25-50%", "n": 1, "mae_infected_percent": pytest.approx(62.5)}
     assert "agreement" not in summarise(rows)
 
 
