@@ -21,18 +21,16 @@ import numpy as np
 from minunet.checkpoint import load_checkpoint
 from minunet.cli.evaluate import filter_items
 from minunet.data import default_cache_dir, find_data, load_arrays
+from minunet.evaluation import evaluate_model
 from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator, selection_score
 from minunet.postprocess import drop_small
 
 
 def probabilities(model, arrays, batch_size=8):
-    """(N, S, S) float32 foreground probabilities at the model's input size."""
-    be = model.backend
+    """(N, S, S) float32 foreground probabilities at the model's input size (one evaluate_model pass)."""
     out = np.empty(arrays.images.shape, np.float32)
-    for s in range(0, len(arrays), batch_size):
-        x = np.asarray(arrays.images[s : s + batch_size]).astype(np.float32)[:, None] / np.float32(255)
-        out[s : s + len(x)] = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x)))))[:, 0]
+    evaluate_model(model, arrays, batch_size, each_probability=lambda i, p: out.__setitem__(i, p))
     return out
 
 
