@@ -217,13 +217,16 @@ def export_config(meta: dict, input_size: int, file: Path, about_file: dict) -> 
     return cfg
 
 
-def export_checkpoint(src, out, weights_dtype="float16", postprocess=None, fmt="npz", sigmoid=False,
+def export_checkpoint(src, out, weights_dtype="keep", postprocess=None, fmt="npz", sigmoid=False,
                       dynamic=False) -> Path:
-    """Write ``src``'s weights (as ``weights_dtype``; None keeps float32) with ``exported_meta``, without
-    the optimizer state, in ``fmt`` (npz compressed, safetensors, or an ONNX graph: ``export_onnx``),
-    and its config.json beside (``config_path``): the file to ship or share. ``postprocess``
-    (threshold, min_area) becomes the model's default post-processing in evaluate, predict and quantify."""
+    """Write ``src``'s weights (as ``weights_dtype``: float16, float32, or "keep" the precision they are
+    stored in) with ``exported_meta``, without the optimizer state, in ``fmt`` (npz compressed,
+    safetensors, or an ONNX graph: ``export_onnx``), and its config.json beside (``config_path``): the
+    file to ship or share. ``postprocess`` (threshold, min_area) becomes the model's default
+    post-processing in evaluate, predict and quantify."""
     ck = load_checkpoint(src)
+    if weights_dtype == "keep":
+        weights_dtype = "float16" if any(a.dtype == np.float16 for a in ck.params.values()) else "float32"
     meta = exported_meta(ck)
     if postprocess:
         meta["postprocess"] = {**meta.get("postprocess", {}), **postprocess}

@@ -236,7 +236,7 @@ def test_existing_run_folder_needs_resume_or_force(trained):
 
 
 def test_export_float16_gives_the_same_scores(trained, tmp_path):
-    r = run("export", trained / "run" / "best.npz", tmp_path / "m16.npz")
+    r = run("export", trained / "run" / "best.npz", tmp_path / "m16.npz", "--float16")
     assert r.exit_code == 0, r.output
     scores = []
     for m in (trained / "run" / "best.npz", tmp_path / "m16.npz"):
@@ -632,3 +632,19 @@ def test_outputs_of_uid_named_dicom_files_keep_their_whole_name():
     used = set()
     names = [unique_name(output_stem(Path(f)), used) for f in ("1.2.840.55.3", "1.2.840.55.4", "a.png", "a.dcm")]
     assert names == ["1.2.840.55.3", "1.2.840.55.4", "a", "a_2"]
+
+
+def test_export_keeps_the_checkpoints_precision_unless_told(trained, tmp_path):
+    from minunet.checkpoint import load_checkpoint
+
+    def dtypes(path):
+        return {str(a.dtype) for a in load_checkpoint(path).params.values()}
+
+    assert run("export", trained / "run" / "best.npz", tmp_path / "keep.npz").exit_code == 0
+    assert dtypes(tmp_path / "keep.npz") == {"float32"}  # a training checkpoint stays float32
+    r = run("export", trained / "run" / "best.npz", tmp_path / "half.npz", "--float16")
+    assert r.exit_code == 0 and "float16 weights" in r.output and dtypes(tmp_path / "half.npz") == {"float16"}
+    assert run("export", tmp_path / "half.npz", tmp_path / "again.npz").exit_code == 0
+    assert dtypes(tmp_path / "again.npz") == {"float16"}  # an export of an export stays float16
+    assert run("export", tmp_path / "half.npz", tmp_path / "up.npz", "--float32").exit_code == 0
+    assert dtypes(tmp_path / "up.npz") == {"float32"}

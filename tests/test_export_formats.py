@@ -141,7 +141,7 @@ def test_the_readme_recipe_loads_the_safetensors_into_pytorch(tmp_path):
 
 def test_the_config_beside_says_how_to_run_each_exported_file(tmp_path):
     random_checkpoint(tmp_path / "c.npz")
-    r = run("export", tmp_path / "c.npz", tmp_path / "out" / "m.safetensors", "--threshold", "0.6")
+    r = run("export", tmp_path / "c.npz", tmp_path / "out" / "m.safetensors", "--threshold", "0.6", "--float16")
     assert r.exit_code == 0 and "m.json" in r.stdout, r.output
     cfg = json.loads((tmp_path / "out" / "m.json").read_text())
     assert cfg["model"] == {"architecture": "U-Net (minunet)", "in_channels": 1, "base_channels": 4, "depth": 2}

@@ -1,4 +1,5 @@
-"""``minunet export``: a weights-only copy of a checkpoint (optionally float16), as .npz, .safetensors or ONNX."""
+"""``minunet export``: a weights-only copy of a checkpoint (its precision, or float16/float32), as .npz,
+.safetensors or ONNX."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import click
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--format", "fmt", type=click.Choice(["npz", "safetensors", "onnx"]), default=None,
               show_default="from OUT's suffix, else npz", help="File format of OUT.")
-@click.option("--float16/--float32", "half", default=True, show_default=True, help="Storage type of the weights.")
+@click.option("--float16/--float32", "half", default=None, show_default="the checkpoint's own",
+              help="Storage type of the weights (float16 halves the file; a shipped model uses it).")
 @click.option("--threshold", type=float, default=None,
               help="Store this probability threshold as the model's default (evaluate, predict, quantify).")
 @click.option("--min-area", type=float, default=None,
@@ -34,12 +36,13 @@ def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic
 
     \b
     Examples:
-      minunet export runs/lung/best.npz minunet/assets/model/lung_unet.npz
-      minunet export runs/lung/best.npz lung32.npz --float32
-      minunet export runs/inf/best.npz infection_unet.npz --threshold 0.6 --min-area 0.01
+      minunet export runs/lung/best.npz minunet/assets/model/lung_unet.npz --float16
+      minunet export runs/lung/best.npz lung32.npz
+      minunet export runs/inf/best.npz infection_unet.npz --float16 --threshold 0.6 --min-area 0.01
       minunet export lung_unet.npz lung_unet.safetensors
       minunet export lung_unet.npz lung_unet.onnx --float32 --sigmoid --dynamic
     """
+    import json
     from pathlib import Path
 
     from minunet.checkpoint import config_path, export_checkpoint, format_of
@@ -55,8 +58,9 @@ def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic
         raise OutputError(f"{out} is a folder: give the file to write, e.g. {Path(out) / ('model.' + fmt)}")
     pp = {k: v for k, v in (("threshold", threshold), ("min_area", min_area)) if v is not None}
     try:
-        path = export_checkpoint(checkpoint, out, "float16" if half else None, pp, fmt, sigmoid, dynamic)
+        path = export_checkpoint(checkpoint, out, {True: "float16", False: "float32", None: "keep"}[half], pp, fmt,
+                                 sigmoid, dynamic)
     except OSError as e:  # reading errors are CheckpointErrors: this is the write (a full disk, a file in the path)
         raise OutputError(f"cannot write {out} ({e.strerror or e}): choose another path") from None
-    click.echo(f"wrote {path} ({fmt}, {path.stat().st_size / 1e6:.2f} MB, {'float16' if half else 'float32'} "
-               f"weights) and {config_path(path)}")
+    dtype = json.loads(config_path(path).read_text())["files"][path.name]["weights_dtype"]
+    click.echo(f"wrote {path} ({fmt}, {path.stat().st_size / 1e6:.2f} MB, {dtype} weights) and {config_path(path)}")
