@@ -35,7 +35,7 @@ import numpy as np
 from minunet.atomicfile import HOST
 from minunet.data import ArraySet, num_batches
 from minunet.errors import ConfigError, MinunetError
-from minunet.evaluation import EvalResult, evaluate_model
+from minunet.evaluation import EvalResult, evaluate_model, mean_loss
 from minunet.metrics import ScoreAccumulator, dice_from_counts
 
 # Set by the launchers for every process they start: MPICH and Intel MPI (Hydra), Slurm's srun with
@@ -68,21 +68,23 @@ def subset(data: ArraySet, lo: int, hi: int) -> ArraySet:
 
 def merge_results(parts: list) -> EvalResult:
     """One EvalResult from those of consecutive shards of a set, in order: the summaries are computed again
-    from the concatenated per-image counts, so they equal those of one evaluation of the whole set. The loss
-    (mean BCE per image) is added up from the shards' means, so it agrees to float rounding."""
+    from the concatenated per-image counts, and the loss (mean BCE per image) from the batches' summed losses
+    added in order, so every figure equals one evaluation of the whole set when each shard holds whole batches
+    (``Ranks.batch_range``)."""
     counts = tuple(np.concatenate([p.counts[j] for p in parts]) for j in range(3))
     names = [n for p in parts for n in p.names]
     groups = [g for p in parts for g in p.groups]
     overall = ScoreAccumulator([counts[0]], [counts[1]], [counts[2]])
     summary = overall.summary()
     n = len(names)
-    summary["loss"] = sum(p.summary["loss"] * len(p.names) for p in parts) / max(n, 1)
+    batch_losses = [b for p in parts for b in p.batch_losses]
+    summary["loss"] = mean_loss(batch_losses, n)
     labels = np.array([g or "all" for g in groups], dtype=object)
     per_group = {}
     for g in sorted(set(labels)):
         sel = labels == g
         per_group[g] = ScoreAccumulator([counts[0][sel]], [counts[1][sel]], [counts[2][sel]]).summary()
-    return EvalResult(summary, per_group, dice_from_counts(*counts), names, groups, counts)
+    return EvalResult(summary, per_group, dice_from_counts(*counts), names, groups, counts, batch_losses)
 
 
 def limit_threads(n: int):

@@ -106,15 +106,13 @@ def test_shards_are_contiguous_and_cover_the_batch():
 
 
 def test_merged_shard_scores_equal_the_whole_set(data_dir):
-    """The merge behind distributed validation: Dice, IoU, per class and per image equal exactly."""
+    """The merge behind distributed validation: loss, Dice, IoU, per class and per image equal exactly."""
     data = load_arrays(find_data(data_dir, "lung").items(), 32)
     model = UNet(1, 4, 2, backend="numpy", seed=2)
     whole = evaluate_model(model, data, 5)
     parts = [evaluate_model(model, distributed.subset(data, lo, hi), 5) for lo, hi in ((0, 10), (10, 12), (12, 12))]
     merged = distributed.merge_results(parts)
-    loss = merged.summary.pop("loss")
-    assert loss == pytest.approx(whole.summary.pop("loss"), rel=1e-12)
-    assert merged.summary == whole.summary and merged.per_group == whole.per_group
+    assert merged.summary == whole.summary and merged.per_group == whole.per_group  # the loss too, to the bit
     assert np.array_equal(merged.dice_per_image, whole.dice_per_image) and merged.names == whole.names
 
 
@@ -200,8 +198,7 @@ def test_validation_on_two_ranks_equals_one_process(data_dir, two_rank_run, tmp_
     got = json.loads((tmp_path / "ev.json").read_text())
     data = load_arrays(find_data(data_dir, "lung").items(), 32)
     want = evaluate_model(load_checkpoint(two_rank_run / "last.npz").build_model("numpy"), data, 5)
-    assert got["summary"].pop("loss") == pytest.approx(want.summary.pop("loss"), rel=1e-12)
-    assert got["summary"] == want.summary and got["per_group"] == want.per_group
+    assert got["summary"] == want.summary and got["per_group"] == want.per_group  # the loss too, to the bit
     assert got["dice"] == want.dice_per_image.tolist() and got["names"] == want.names
 
 
