@@ -13,6 +13,9 @@ What the ranks share (docs/internals.md, "Training on several processes (MPI)", 
     share_state(...)     parameters, Adam moments and the position sent from rank 0, then compared
     evaluate(...)        each rank scores whole validation batches (batch_range); the per-image counts
                          are merged (merged)
+    gather(value)        every rank's value on rank 0, in rank order (the commands' rows and counts)
+    command(...)         around a command whose inputs the ranks share (evaluate, predict, quantify):
+                         its own share of the threads and GPUs, and its errors handled as below
     agree(fn)            fn() on every rank; an error on any rank is raised on every rank
     local_first(fn)      fn() on the first rank of each machine, then on the others (the data cache)
     any(flag)            whether any rank raised ``flag`` (a stop request)
@@ -33,7 +36,7 @@ from dataclasses import replace
 import numpy as np
 
 from minunet.atomicfile import HOST
-from minunet.data import ArraySet, num_batches
+from minunet.data import ArraySet, MaskStats, num_batches
 from minunet.errors import ConfigError, MinunetError
 from minunet.evaluation import EvalResult, evaluate_model, mean_loss
 from minunet.metrics import ScoreAccumulator, dice_from_counts
@@ -85,6 +88,18 @@ def merge_results(parts: list) -> EvalResult:
         sel = labels == g
         per_group[g] = ScoreAccumulator([counts[0][sel]], [counts[1][sel]], [counts[2][sel]]).summary()
     return EvalResult(summary, per_group, dice_from_counts(*counts), names, groups, counts, batch_losses)
+
+
+def merge_mask_stats(parts: list) -> MaskStats:
+    """One MaskStats from those of the shards of a set: every count added up."""
+    total = MaskStats()
+    for p in parts:
+        for k, n in p.counts.items():
+            total.counts[k] = total.counts.get(k, 0) + n
+        total.colour += p.colour
+        for note, n in p.images.items():
+            total.images[note] = total.images.get(note, 0) + n
+    return total
 
 
 def limit_threads(n: int):
@@ -200,6 +215,14 @@ class Ranks:
             return bool(flag)
         return any(self.comm.allgather(bool(flag)))
 
+    def gather(self, value) -> list | None:
+        """Every rank's ``value`` on rank 0, in rank order (``[value]`` in one process); None on the others."""
+        return [value] if self.size == 1 else self.comm.gather(value, root=0)
+
+    def all_gather(self, value) -> list:
+        """Every rank's ``value`` on every rank, in rank order (``[value]`` in one process)."""
+        return [value] if self.size == 1 else self.comm.allgather(value)
+
     def check_same(self, value: bytes, what: str):
         """Raise ConfigError on every rank unless ``value`` is the same on every rank."""
         if self.size == 1:
@@ -231,6 +254,26 @@ class Ranks:
 
                 traceback.print_exc()
             self.comm.Abort(130 if isinstance(e, KeyboardInterrupt) else 1)
+
+    @contextlib.contextmanager
+    def command(self, backend: str = "numpy", exit_status: int = 2):
+        """Around a command whose inputs the ranks share: with several ranks, each runs on its share of the
+        machine's cores (``default_threads``) and, for ``backend`` auto or cupy, on its local rank's GPU.
+        An error every rank raised (``agree``, ``from_root``) is rank 0's to print: the others exit with
+        ``exit_status`` without a word. Any other error ends every rank (``ending_every_rank_on_error``) at
+        once: a rank that meets a bad file halfway through its share does not leave the others working for
+        hours and then waiting for it."""
+        try:
+            with self.ending_every_rank_on_error():
+                if self.size > 1:
+                    limit_threads(self.default_threads())
+                    if backend.lower() in ("auto", "cupy"):
+                        self.pick_gpu()
+                yield
+        except Exception as e:
+            if getattr(e, "on_every_rank", False) and not self.is_root:
+                sys.exit(exit_status)
+            raise
 
     # -- arrays ---------------------------------------------------------------
 
