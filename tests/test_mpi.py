@@ -355,6 +355,17 @@ def test_predict_on_two_ranks_equals_one_process(data_dir, models, tmp_path):
 
 
 @needs_mpi
+def test_a_bad_file_in_one_ranks_share_ends_every_rank(data_dir, models, tmp_path):
+    """Without --skip-bad, rank 1 meets the unreadable file of its share: it says so and ends the job at once."""
+    first = sorted((data_dir / "Infection Segmentation Data").rglob("images/*.png"))[0]
+    shutil.copy(first, tmp_path / "a.png")
+    (tmp_path / "z.png").write_bytes(b"not a png")
+    r = mpiexec(*CLI, "predict", tmp_path / "a.png", tmp_path / "z.png", "--out", tmp_path / "out", "--model",
+                models[0], "--batch-size", 1, check=False, timeout=60)
+    assert r.returncode != 0 and "rank 1 of 2" in r.stderr and "z.png" in r.stderr and "--skip-bad" in r.stderr
+
+
+@needs_mpi
 def test_quantify_on_two_ranks_equals_one_process(data_dir, models, tmp_path):
     """12 X-rays with reference masks in batches of 5 (rank 0: 10, rank 1: 2): quantify.csv, summary.json and
     the pictures are one process's, byte for byte."""
