@@ -1,4 +1,5 @@
-"""Several processes (ranks) started by MPI: data-parallel training and sharded evaluation (mpi4py).
+"""Several processes (ranks) started by MPI: data-parallel training, and evaluate, predict and quantify with their
+inputs shared out (mpi4py).
 
 ``mpiexec -n 4 minunet train ...`` starts four copies of the command; ``world()`` gives each its
 ``Ranks``: which rank it is, how many there are, and the few collective operations training needs.
