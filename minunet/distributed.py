@@ -1,4 +1,5 @@
-"""Several processes (ranks) started by MPI: data-parallel training and sharded evaluation (mpi4py).
+"""Several processes (ranks) started by MPI: data-parallel training, and evaluate, predict and quantify with their
+inputs shared out (mpi4py).
 
 ``mpiexec -n 4 minunet train ...`` starts four copies of the command; ``world()`` gives each its
 ``Ranks``: which rank it is, how many there are, and the few collective operations training needs.
@@ -13,6 +14,9 @@ What the ranks share (docs/internals.md, "Training on several processes (MPI)", 
     share_state(...)     parameters, Adam moments and the position sent from rank 0, then compared
     evaluate(...)        each rank scores whole validation batches (batch_range); the per-image counts
                          are merged (merged)
+    gather(value)        every rank's value on rank 0, in rank order (the commands' rows and counts)
+    command(...)         around a command whose inputs the ranks share (evaluate, predict, quantify):
+                         its own share of the threads and GPUs, and its errors handled as below
     agree(fn)            fn() on every rank; an error on any rank is raised on every rank
     local_first(fn)      fn() on the first rank of each machine, then on the others (the data cache)
     any(flag)            whether any rank raised ``flag`` (a stop request)
@@ -33,9 +37,9 @@ from dataclasses import replace
 import numpy as np
 
 from minunet.atomicfile import HOST
-from minunet.data import ArraySet, num_batches
+from minunet.data import ArraySet, MaskStats, num_batches
 from minunet.errors import ConfigError, MinunetError
-from minunet.evaluation import EvalResult, evaluate_model
+from minunet.evaluation import EvalResult, evaluate_model, mean_loss
 from minunet.metrics import ScoreAccumulator, dice_from_counts
 
 # Set by the launchers for every process they start: MPICH and Intel MPI (Hydra), Slurm's srun with
@@ -68,21 +72,35 @@ def subset(data: ArraySet, lo: int, hi: int) -> ArraySet:
 
 def merge_results(parts: list) -> EvalResult:
     """One EvalResult from those of consecutive shards of a set, in order: the summaries are computed again
-    from the concatenated per-image counts, so they equal those of one evaluation of the whole set. The loss
-    (mean BCE per image) is added up from the shards' means, so it agrees to float rounding."""
+    from the concatenated per-image counts, and the loss (mean BCE per image) from the batches' summed losses
+    added in order, so every figure equals one evaluation of the whole set when each shard holds whole batches
+    (``Ranks.batch_range``)."""
     counts = tuple(np.concatenate([p.counts[j] for p in parts]) for j in range(3))
     names = [n for p in parts for n in p.names]
     groups = [g for p in parts for g in p.groups]
     overall = ScoreAccumulator([counts[0]], [counts[1]], [counts[2]])
     summary = overall.summary()
     n = len(names)
-    summary["loss"] = sum(p.summary["loss"] * len(p.names) for p in parts) / max(n, 1)
+    batch_losses = [b for p in parts for b in p.batch_losses]
+    summary["loss"] = mean_loss(batch_losses, n)
     labels = np.array([g or "all" for g in groups], dtype=object)
     per_group = {}
     for g in sorted(set(labels)):
         sel = labels == g
         per_group[g] = ScoreAccumulator([counts[0][sel]], [counts[1][sel]], [counts[2][sel]]).summary()
-    return EvalResult(summary, per_group, dice_from_counts(*counts), names, groups, counts)
+    return EvalResult(summary, per_group, dice_from_counts(*counts), names, groups, counts, batch_losses)
+
+
+def merge_mask_stats(parts: list) -> MaskStats:
+    """One MaskStats from those of the shards of a set: every count added up."""
+    total = MaskStats()
+    for p in parts:
+        for k, n in p.counts.items():
+            total.counts[k] = total.counts.get(k, 0) + n
+        total.colour += p.colour
+        for note, n in p.images.items():
+            total.images[note] = total.images.get(note, 0) + n
+    return total
 
 
 def limit_threads(n: int):
@@ -198,6 +216,14 @@ class Ranks:
             return bool(flag)
         return any(self.comm.allgather(bool(flag)))
 
+    def gather(self, value) -> list | None:
+        """Every rank's ``value`` on rank 0, in rank order (``[value]`` in one process); None on the others."""
+        return [value] if self.size == 1 else self.comm.gather(value, root=0)
+
+    def all_gather(self, value) -> list:
+        """Every rank's ``value`` on every rank, in rank order (``[value]`` in one process)."""
+        return [value] if self.size == 1 else self.comm.allgather(value)
+
     def check_same(self, value: bytes, what: str):
         """Raise ConfigError on every rank unless ``value`` is the same on every rank."""
         if self.size == 1:
@@ -229,6 +255,26 @@ class Ranks:
 
                 traceback.print_exc()
             self.comm.Abort(130 if isinstance(e, KeyboardInterrupt) else 1)
+
+    @contextlib.contextmanager
+    def command(self, backend: str = "numpy", exit_status: int = 2):
+        """Around a command whose inputs the ranks share: with several ranks, each runs on its share of the
+        machine's cores (``default_threads``) and, for ``backend`` auto or cupy, on its local rank's GPU.
+        An error every rank raised (``agree``, ``from_root``) is rank 0's to print: the others exit with
+        ``exit_status`` without a word. Any other error ends every rank (``ending_every_rank_on_error``) at
+        once: a rank that meets a bad file halfway through its share does not leave the others working for
+        hours and then waiting for it."""
+        try:
+            with self.ending_every_rank_on_error():
+                if self.size > 1:
+                    limit_threads(self.default_threads())
+                    if backend.lower() in ("auto", "cupy"):
+                        self.pick_gpu()
+                yield
+        except Exception as e:
+            if getattr(e, "on_every_rank", False) and not self.is_root:
+                sys.exit(exit_status)
+            raise
 
     # -- arrays ---------------------------------------------------------------
 

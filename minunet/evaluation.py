@@ -32,6 +32,7 @@ class EvalResult:
     names: list
     groups: list  # each image's class ("" for data without classes)
     counts: tuple  # per image (|P & G|, |P|, |G|): int64 arrays, as metrics.counts gives them
+    batch_losses: list  # each batch's summed BCE (mean x images), in order: shards' losses merge exactly
 
     def to_json(self) -> dict:
         out = dict(self.summary)
@@ -60,11 +61,11 @@ def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = TH
         raise ConfigError("these images have no masks, so they cannot be scored")
     be = model.backend
     overall, groups = ScoreAccumulator(), {}
-    loss_sum = 0.0
+    batch_losses = []
     for start, x, y in iter_eval_batches(data, batch_size):
         logits = model.forward(be.asarray(x), train=False)
         loss, _ = be.sigmoid_bce(logits, be.asarray(y))
-        loss_sum += loss * len(x)
+        batch_losses.append(loss * len(x))
         prob = np.asarray(be.to_host(be.sigmoid(logits)))
         pred = drop_small(prob > threshold, min_area)
         if keep_largest_k > 0:
@@ -78,6 +79,15 @@ def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = TH
         if progress is not None:
             progress("validate", done=start + len(x), total=len(data))
     summary = overall.summary()
-    summary["loss"] = loss_sum / max(len(data), 1)
+    summary["loss"] = mean_loss(batch_losses, len(data))
     return EvalResult(summary, {g: a.summary() for g, a in sorted(groups.items())}, overall.per_image_dice(),
-                      list(data.names), list(data.groups), overall.arrays())
+                      list(data.names), list(data.groups), overall.arrays(), batch_losses)
+
+
+def mean_loss(batch_losses: list, n: int) -> float:
+    """The mean BCE per image of n images from their batches' summed losses, added in batch order (so the
+    batches of consecutive shards give one evaluation's value to the last bit)."""
+    total = 0.0
+    for b in batch_losses:
+        total += b
+    return total / max(n, 1)

@@ -1,4 +1,5 @@
-"""Data-parallel training on MPI: two ranks of one thread each (``mpiexec -n 2``) against one process.
+"""Data-parallel training, and evaluate, predict and quantify with shared-out inputs, on MPI: two ranks of one
+thread each (``mpiexec -n 2``) against one process.
 
 The MPI tests need mpi4py and an ``mpiexec`` (the ``mpi`` extra: ``pip install -e '.[mpi]'``) and skip
 without them. Tolerance of "equal to float32 rounding": summing two shards' gradients rounds
@@ -24,12 +25,13 @@ import numpy as np
 import pytest
 from minidata import make_qu
 from mpi_worker import gradient_batch
+from PIL import Image
 
 import minunet.distributed as distributed
 from minunet.checkpoint import load_checkpoint
 from minunet.data import find_data, load_arrays
 from minunet.errors import ConfigError
-from minunet.evaluation import evaluate_model
+from minunet.evaluation import evaluate_model, mean_loss
 from minunet.model import UNet
 from minunet.train import TrainConfig, batch_gradient, train
 
@@ -106,16 +108,26 @@ def test_shards_are_contiguous_and_cover_the_batch():
 
 
 def test_merged_shard_scores_equal_the_whole_set(data_dir):
-    """The merge behind distributed validation: Dice, IoU, per class and per image equal exactly."""
+    """The merge behind distributed validation: loss, Dice, IoU, per class and per image equal exactly."""
     data = load_arrays(find_data(data_dir, "lung").items(), 32)
     model = UNet(1, 4, 2, backend="numpy", seed=2)
     whole = evaluate_model(model, data, 5)
     parts = [evaluate_model(model, distributed.subset(data, lo, hi), 5) for lo, hi in ((0, 10), (10, 12), (12, 12))]
     merged = distributed.merge_results(parts)
-    loss = merged.summary.pop("loss")
-    assert loss == pytest.approx(whole.summary.pop("loss"), rel=1e-12)
-    assert merged.summary == whole.summary and merged.per_group == whole.per_group
+    assert merged.summary == whole.summary and merged.per_group == whole.per_group  # the loss too, to the bit
     assert np.array_equal(merged.dice_per_image, whole.dice_per_image) and merged.names == whole.names
+
+
+def test_merged_loss_adds_every_batch_in_order(data_dir):
+    """The loss of merged shards: every batch's summed loss added in order, as one process adds them, to the bit.
+    (Adding up the shards' means times their sizes would give ...004 for ...003 here.)"""
+    data = load_arrays(find_data(data_dir, "lung").items()[:5], 32)
+    model = UNet(1, 4, 2, backend="numpy", seed=2)
+    parts = [evaluate_model(model, distributed.subset(data, lo, hi), 1) for lo, hi in ((0, 3), (3, 5))]
+    sums = [[0.4049341374504143, 0.7837985890347726, 0.30331272607892745], [0.4765969541523558, 0.5833820394550312]]
+    for p, s in zip(parts, sums, strict=True):
+        p.batch_losses, p.summary["loss"] = s, mean_loss(s, len(s))
+    assert distributed.merge_results(parts).summary["loss"] == 0.5104048892343003
 
 
 def test_one_process_does_not_import_mpi4py():
@@ -200,8 +212,7 @@ def test_validation_on_two_ranks_equals_one_process(data_dir, two_rank_run, tmp_
     got = json.loads((tmp_path / "ev.json").read_text())
     data = load_arrays(find_data(data_dir, "lung").items(), 32)
     want = evaluate_model(load_checkpoint(two_rank_run / "last.npz").build_model("numpy"), data, 5)
-    assert got["summary"].pop("loss") == pytest.approx(want.summary.pop("loss"), rel=1e-12)
-    assert got["summary"] == want.summary and got["per_group"] == want.per_group
+    assert got["summary"] == want.summary and got["per_group"] == want.per_group  # the loss too, to the bit
     assert got["dice"] == want.dice_per_image.tolist() and got["names"] == want.names
 
 
@@ -258,6 +269,113 @@ def test_two_numba_ranks_of_one_thread_repeat_bit_for_bit(data_dir, two_rank_run
     for n in p1:
         assert np.array_equal(p1[n], p2[n]) and np.array_equal(m1[n], m2[n]), n
         assert np.abs(p1[n] - pn[n]).max() <= 1e-5, n
+
+
+# -- evaluate, predict and quantify on two ranks ------------------------------------------
+
+
+def cli(*args, n=2, check=True):
+    """``minunet ARGS`` as one process (n=1, no mpiexec) or on n ranks."""
+    if n > 1:
+        return mpiexec(*CLI, *args, n=n, check=check)
+    r = subprocess.run([sys.executable, *CLI, *map(str, args)], env=env(), capture_output=True, text=True,
+                       timeout=240)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def models(data_dir, tmp_path_factory):
+    """A tiny lung model and a tiny lesion model trained on ``data_dir`` (one process, a fraction of a second)."""
+    out = tmp_path_factory.mktemp("models")
+    for mask in ("lung", "infection"):
+        train(TrainConfig(data=str(data_dir), out=str(out / mask), mask=mask, **TINY))
+    return out / "lung" / "last.npz", out / "infection" / "last.npz"
+
+
+def same_files(a: Path, b: Path) -> list:
+    """The names of the files in folder ``a``, after checking that folder ``b`` holds the same files, byte for byte."""
+    names = sorted(f.name for f in a.iterdir())
+    assert names == sorted(f.name for f in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return names
+
+
+@needs_mpi
+def test_evaluate_on_two_ranks_equals_one_process(data_dir, models, tmp_path):
+    """12 images in batches of 5: rank 0 decodes and scores 10, rank 1 2; the JSON (loss, Dice, IoU, per class,
+    mask counts, images seen in training), the text report, the per-image CSV and the probability maps are
+    those of one process."""
+    args = ("evaluate", data_dir, "--model", models[0], "--split", "all", "--batch-size", 5, "--threshold", 0.45,
+            "--cache-dir", tmp_path / "cache")
+    runs = {}
+    for n in (1, 2):
+        runs[n] = cli(*args, "--json", "--per-image", tmp_path / f"scores{n}.csv", "--save-prob", tmp_path / f"p{n}",
+                      n=n)
+        runs[n, "text"] = cli(*args, n=n)
+    assert runs[2].stdout == runs[1].stdout and runs[2, "text"].stdout == runs[1, "text"].stdout
+    got = json.loads(runs[2].stdout)
+    assert got["n_images"] == 12 and 0 < got["dice"] < 1 and got["masks"].startswith("masks: 12 ")
+    assert 0 < got["n_trained_on"] < 12 and runs[2].stderr.count("warning:") == 1
+    assert [ln for ln in runs[2].stderr.splitlines() if ln.startswith("warning:")] == \
+        [ln for ln in runs[1].stderr.splitlines() if ln.startswith("warning:")]
+    assert (tmp_path / "scores2.csv").read_bytes() == (tmp_path / "scores1.csv").read_bytes()
+    assert len(same_files(tmp_path / "p1", tmp_path / "p2")) == 12
+
+
+@needs_mpi
+def test_evaluate_errors_every_rank_meets_are_printed_once(data_dir, tmp_path):
+    for extra in (("--batch-size", "0"), ("--model", tmp_path / "none.npz")):
+        r = cli("evaluate", data_dir, "--split", "all", *extra, check=False)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.count("Error:") == 1, r.stderr
+
+
+@needs_mpi
+def test_predict_on_two_ranks_equals_one_process(data_dir, models, tmp_path):
+    """14 inputs in batches of 3 (rank 0: 9, rank 1: 5), among them an unreadable file and a second image of
+    the same name as the first, which rank 1 segments: the same files, byte for byte, and the same report."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    first = sorted((data_dir / "Infection Segmentation Data").rglob("images/*.png"))[0]
+    shutil.copy(first, extra / first.name)
+    (extra / "broken.png").write_bytes(b"not a png")
+    runs = {n: cli("predict", data_dir / "Infection Segmentation Data", extra, "--out", tmp_path / f"out{n}",
+                   "--model", models[0], "--threshold", 0.45, "--batch-size", 3, "--save-prob", "--skip-bad", n=n)
+            for n in (1, 2)}
+    names = same_files(tmp_path / "out1", tmp_path / "out2")
+    assert len(names) == 13 * 3 and f"{first.stem}_2_mask.png" in names
+    assert runs[2].stdout.replace("out2", "out1") == runs[1].stdout and "skipped 1 unreadable" in runs[2].stdout
+    assert [ln for ln in runs[2].stderr.splitlines() if ln.startswith("skipped:")] == \
+        [ln for ln in runs[1].stderr.splitlines() if ln.startswith("skipped:")] != []
+    masks = [np.asarray(Image.open(tmp_path / "out2" / n)) for n in names if n.endswith("_mask.png")]
+    assert any(m.any() for m in masks) and not all(m.all() for m in masks)
+
+
+@needs_mpi
+def test_a_bad_file_in_one_ranks_share_ends_every_rank(data_dir, models, tmp_path):
+    """Without --skip-bad, rank 1 meets the unreadable file of its share: it says so and ends the job at once."""
+    first = sorted((data_dir / "Infection Segmentation Data").rglob("images/*.png"))[0]
+    shutil.copy(first, tmp_path / "a.png")
+    (tmp_path / "z.png").write_bytes(b"not a png")
+    r = mpiexec(*CLI, "predict", tmp_path / "a.png", tmp_path / "z.png", "--out", tmp_path / "out", "--model",
+                models[0], "--batch-size", 1, check=False, timeout=60)
+    assert r.returncode != 0 and "rank 1 of 2" in r.stderr and "z.png" in r.stderr and "--skip-bad" in r.stderr
+
+
+@needs_mpi
+def test_quantify_on_two_ranks_equals_one_process(data_dir, models, tmp_path):
+    """12 X-rays with reference masks in batches of 5 (rank 0: 10, rank 1: 2): quantify.csv, summary.json and
+    the pictures are one process's, byte for byte."""
+    runs = {n: cli("quantify", data_dir, "--out", tmp_path / f"q{n}", "--lung-model", models[0],
+                   "--infection-model", models[1], "--threshold", 0.45, "--batch-size", 5, n=n)
+            for n in (1, 2)}
+    names = same_files(tmp_path / "q1", tmp_path / "q2")
+    assert len(names) == 12 + 2 and {"quantify.csv", "summary.json"} <= set(names)
+    assert runs[2].stdout.replace("q2", "q1") == runs[1].stdout
+    assert json.loads((tmp_path / "q2" / "summary.json").read_text())["n_images"] == 12
 
 
 @pytest.mark.gpu

@@ -156,8 +156,7 @@ def probability_writer(folder, names):
 @click.option("--save-prob", type=click.Path(path_type=str), default=None,
               help="Write each image's probability map to this folder: <name>_prob.png, 8-bit (255 = probability "
                    "1), at the size it is scored at.")
-def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_area, keep_largest, only, subset,
-                 batch_size, backend, base_channels, depth, cache_dir, per_image, save_prob):
+def evaluate_cmd(backend, **opts):
     """Score a model on DATA: mean per-image Dice and IoU, pooled Dice, per class.
 
     \b
@@ -169,38 +168,81 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_ar
       minunet evaluate DATA --model runs/lung/best.npz --per-image scores.csv --save-prob prob/
 
     Warns when images it scores are in the model's training list (which every checkpoint records).
+
+    \b
+    On several processes (pip install 'minunet[mpi]'), each decodes and scores a share of the images;
+    the scores are the same as one process's:
+      mpiexec -n 8 minunet evaluate DATA --model runs/lung/best.npz --json
     """
+    from minunet.distributed import world
+
+    ranks = world()
+    with ranks.command(backend):
+        _evaluate(ranks, backend=backend, **opts)
+
+
+def _evaluate(ranks, data, model_path, mask, split, as_json, size, threshold, min_area, keep_largest, only, subset,
+              batch_size, backend, base_channels, depth, cache_dir, per_image, save_prob):
+    """evaluate_cmd on this rank: the checks on every rank (``agree``: an error they all meet is printed once),
+    then this rank's share of the batches (``batch_range``), decoded and scored; the results are merged in rank
+    order and rank 0 reports them."""
     from minunet.checkpoint import path_name
     from minunet.cli.errors import CliError
     from minunet.data import default_cache_dir, find_data, load_arrays
+    from minunet.distributed import merge_mask_stats
+    from minunet.errors import MinunetError
     from minunet.evaluation import evaluate_model
     from minunet.model import check_size
 
-    if batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {batch_size}")
-    if keep_largest < 0:
-        raise CliError(f"--keep-largest must be >= 0 (0 keeps every component), got {keep_largest}")
-    check_postprocess(threshold, min_area)
-    index = find_data(data, mask.lower(), require_masks=False)
-    split, items = choose_split(index, "all" if only and split is None else split)
-    if only:
-        items, label = filter_items(items, only, subset)
-        split += f" (only the {label})"
-    elif subset:
-        raise CliError("--subset chooses a list of the --only split file: give --only too")
-    model, ck, note = load_model(model_path or shipped_model(mask), backend.lower(), base_channels, depth)
+    def setup():
+        if batch_size < 1:
+            raise CliError(f"--batch-size must be >= 1, got {batch_size}")
+        if keep_largest < 0:
+            raise CliError(f"--keep-largest must be >= 0 (0 keeps every component), got {keep_largest}")
+        check_postprocess(threshold, min_area)
+        index = find_data(data, mask.lower(), require_masks=False)
+        chosen, items = choose_split(index, "all" if only and split is None else split)
+        if only:
+            items, label = filter_items(items, only, subset)
+            chosen += f" (only the {label})"
+        elif subset:
+            raise CliError("--subset chooses a list of the --only split file: give --only too")
+        model, ck, note = load_model(model_path or shipped_model(mask), backend.lower(), base_channels, depth)
+        check_size(size or ck.input_size, model.depth)
+        return index, chosen, items, model, ck, note
+
+    index, split, items, model, ck, note = ranks.agree(setup, catch=(MinunetError, click.ClickException))
+    ranks.check_same("\n".join(it.name for it in items).encode(), "images to score")
     size = size or ck.input_size
     threshold, min_area = postprocess_of(ck, threshold, min_area)
-    check_size(size, model.depth)
+    lo, hi = ranks.batch_range(len(items), batch_size)
     bar = Bar()
-    arrays = load_arrays(items, size, default_cache_dir() if cache_dir is None else cache_dir or None,
-                         progress=lambda d, t: bar.update("decoding", d, t))
+    decoding = evaluating = None  # progress: rank 0 shows its share's
+    if ranks.is_root:
+        def decoding(done, total):
+            bar.update("decoding", done, total)
+
+        def evaluating(_event, done, total):
+            bar.update("evaluating", done, total)
+
+    arrays = load_arrays(items[lo:hi], size, default_cache_dir() if cache_dir is None else cache_dir or None,
+                         progress=decoding)
     bar.clear()
-    ev = evaluate_model(model, arrays, batch_size, threshold,
-                        progress=lambda _e, done, total: bar.update("evaluating", done, total),
-                        keep_largest_k=keep_largest, min_area=min_area,
-                        each_probability=probability_writer(save_prob, arrays.names) if save_prob else None)
+    each_probability = None
+    if save_prob:  # named from every image of the set, so that two ranks never pick the same name
+        write = probability_writer(save_prob, [it.name for it in items])
+
+        def each_probability(i, prob):
+            write(lo + i, prob)
+
+    ev = evaluate_model(model, arrays, batch_size, threshold, progress=evaluating, keep_largest_k=keep_largest,
+                        min_area=min_area, each_probability=each_probability)
     bar.clear()
+    ev = ranks.merged(ev)
+    mask_stats = ranks.gather(arrays.mask_stats)
+    if not ranks.is_root:
+        return
+    mask_stats = merge_mask_stats(mask_stats)
     if per_image:
         write_per_image(per_image, ev.per_image_rows())
     n_seen = None if "split" not in ck.meta else len(trained_on(items, ck.meta["split"]))
@@ -214,7 +256,7 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_ar
         out = ev.to_json()
         out.update(split=split, data=str(index.root), mask=index.mask, model=str(ck.path), size=size,
                    threshold=threshold, min_area=min_area, keep_largest=keep_largest,
-                   masks=arrays.mask_stats.describe(), n_trained_on=n_seen)
+                   masks=mask_stats.describe(), n_trained_on=n_seen)
         click.echo(strict_json(out))
         return
     if note:
@@ -224,7 +266,7 @@ def evaluate_cmd(data, model_path, mask, split, as_json, size, threshold, min_ar
                f"threshold {threshold}" + (f", min area {min_area}" if min_area else "")
                + (f", keep largest {keep_largest}" if keep_largest else ""))
     click.echo(f"data:  {index.root} [{index.layout}], split {split}: {s['n_images']} images, {index.mask} "
-               f"{arrays.mask_stats.describe()}")
+               f"{mask_stats.describe()}")
     click.echo(f"Dice (mean per image)  {s['dice']:.4f}")
     click.echo(f"IoU  (mean per image)  {s['iou']:.4f}")
     click.echo(f"Dice (pooled)          {s['dice_pooled']:.4f}")

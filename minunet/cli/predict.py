@@ -66,16 +66,24 @@ def collect_inputs(inputs, out=None):
     return files
 
 
-def read_images(files, skip_bad: bool, skipped: list):
-    """[(file, (H, W) uint8 image)] of the ``files`` that can be read. An unreadable one is a DataError, or,
-    with ``skip_bad``, appended to ``skipped`` as (file, why) and left out."""
+def output_names(files) -> list:
+    """Each input file's output name: its ``output_stem``, made unique over the whole list in order (``a``,
+    ``a_2``...). Every rank computes them from the full list, so the names do not depend on how many ranks
+    share the inputs, and two ranks never write the same file."""
+    used = set()
+    return [unique_name(output_stem(f), used) for f in files]
+
+
+def read_images(named, skip_bad: bool, skipped: list):
+    """[(name, (H, W) uint8 image)] of the (file, name) pairs in ``named`` whose file can be read. An
+    unreadable one is a DataError, or, with ``skip_bad``, appended to ``skipped`` as (file, why) and left out."""
     from minunet.data import read_gray
     from minunet.errors import DataError
 
     read = []
-    for f in files:
+    for f, name in named:
         try:
-            read.append((f, read_gray(f)))
+            read.append((name, read_gray(f)))
         except DataError as e:
             if not skip_bad:
                 raise DataError(f"{e}, or pass --skip-bad to go on without it") from None
@@ -112,8 +120,7 @@ def report_skipped(skipped, shown=20):
               help="Go on past a file that cannot be read, and list the files skipped at the end.")
 @config_option("--batch-size", type=int)
 @config_option("--backend", type=BACKENDS)
-def predict_cmd(inputs, out, model_path, mask, threshold, min_area, keep_largest, size, no_overlay, save_prob,
-                skip_bad, batch_size, backend):
+def predict_cmd(backend, **opts):
     """Segment INPUT images: writes <name>_mask.png (0/255, at the image's own size) and <name>_overlay.png.
 
     INPUT is image files, folders of images, or data folders (COVID-QU-Ex, masks or not). Files that predict
@@ -125,46 +132,76 @@ def predict_cmd(inputs, out, model_path, mask, threshold, min_area, keep_largest
       minunet predict scans/ --out pred/ --keep-largest 2 --model runs/lung/best.npz
       minunet predict "Lung Segmentation Data/Test" --out pred/ --skip-bad --no-overlay --save-prob
       minunet predict scans/ --out lesions/ --mask infection
+
+    \b
+    On several processes (pip install 'minunet[mpi]'), each segments a share of the inputs:
+      mpiexec -n 8 minunet predict archive/ --out pred/ --skip-bad
     """
+    from minunet.distributed import world
+
+    ranks = world()
+    with ranks.command(backend):
+        _predict(ranks, backend=backend, **opts)
+
+
+def _predict(ranks, inputs, out, model_path, mask, threshold, min_area, keep_largest, size, no_overlay, save_prob,
+             skip_bad, batch_size, backend):
+    """predict_cmd on this rank: the checks on every rank (``agree``), then its share of whole batches of the
+    inputs (``batch_range``); the skipped files are gathered for rank 0's closing lines."""
     import numpy as np
     from PIL import Image
 
     from minunet.cli.errors import CliError
-    from minunet.errors import DataError
+    from minunet.errors import DataError, MinunetError
     from minunet.inference import probabilities, to_8bit
     from minunet.model import check_size
     from minunet.postprocess import drop_small, overlay
     from minunet.postprocess import keep_largest as keep_k
 
-    if keep_largest < 0 or batch_size < 1:
-        raise CliError("--keep-largest must be >= 0 and --batch-size >= 1")
-    check_postprocess(threshold, min_area)
+    def setup():
+        if keep_largest < 0 or batch_size < 1:
+            raise CliError("--keep-largest must be >= 0 and --batch-size >= 1")
+        check_postprocess(threshold, min_area)
+        files = collect_inputs(inputs, Path(out).expanduser())
+        model, ck, note = load_model(model_path or shipped_model(mask), backend.lower())
+        return files, model, ck, note
+
+    files, model, ck, note = ranks.agree(setup, catch=(MinunetError, click.ClickException))
+    ranks.check_same("\n".join(map(str, files)).encode(), "input files")
     out = Path(out).expanduser()
-    files = collect_inputs(inputs, out)
-    model, ck, note = load_model(model_path or shipped_model(mask), backend.lower())
-    if note:
+    if note and ranks.is_root:
         click.echo(f"note: {note}", err=True)
     size = size or ck.input_size
     threshold, min_area = postprocess_of(ck, threshold, min_area)
-    check_size(size, model.depth)
+    ranks.agree(lambda: check_size(size, model.depth))
     out.mkdir(parents=True, exist_ok=True)
-    used, skipped = set(), []
+    names = output_names(files)
+    lo, hi = ranks.batch_range(len(files), batch_size)
+    skipped = []
     bar = Bar()
-    for start in range(0, len(files), batch_size):
-        read = read_images(files[start : start + batch_size], skip_bad, skipped)
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        read = read_images(zip(files[start:stop], names[start:stop]), skip_bad, skipped)
         grays = [g for _, g in read]
-        for (f, g), p in zip(read, probabilities(model, grays, size, batch_size), strict=True):
+        for (name, g), p in zip(read, probabilities(model, grays, size, batch_size), strict=True):
             m = keep_k(drop_small(p > threshold, min_area), keep_largest)
-            name = unique_name(output_stem(f), used)
             Image.fromarray((m * 255).astype(np.uint8)).save(out / f"{name}_mask.png")
             if not no_overlay:
                 Image.fromarray(overlay(g, m)).save(out / f"{name}_overlay.png")
             if save_prob:
                 Image.fromarray(to_8bit(p)).save(out / f"{name}_prob.png")
-        bar.update("predicting", min(start + batch_size, len(files)), len(files))
+        if ranks.is_root:
+            bar.update("predicting", stop - lo, hi - lo)
     bar.clear()
-    if len(skipped) == len(files):
-        raise DataError(f"none of the {len(files)} input file(s) could be read, e.g. {skipped[0][1]}")
+    skipped = [s for part in ranks.all_gather(skipped) for s in part]
+
+    def check_any_read():
+        if len(skipped) == len(files):
+            raise DataError(f"none of the {len(files)} input file(s) could be read, e.g. {skipped[0][1]}")
+
+    ranks.agree(check_any_read)
+    if not ranks.is_root:
+        return
     report_skipped(skipped)
     wrote = ["mask(s)"] + ([] if no_overlay else ["overlay(s)"]) + (["probability map(s)"] if save_prob else [])
     click.echo(f"wrote {len(files) - len(skipped)} {', '.join(wrote)} to {out}"

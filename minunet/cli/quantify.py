@@ -14,10 +14,8 @@ from minunet.cli.common import (
     check_postprocess,
     config_option,
     load_model,
-    output_stem,
     postprocess_of,
     strict_json,
-    unique_name,
 )
 
 
@@ -81,7 +79,7 @@ def _csv_value(v):
               help="Which list of the --only split file [default: test if it has one, else val].")
 @config_option("--batch-size", type=int)
 @config_option("--backend", type=BACKENDS)
-def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, only, subset, batch_size, backend):
+def quantify_cmd(backend, **opts):
     """How much of each lung the lesions cover: a CSV row and a picture per X-ray.
 
     Runs the lung model and the lesion (infection) model on each image and counts
@@ -95,41 +93,70 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, 
     Examples:
       minunet quantify xray.png --out quant/
       minunet quantify "Infection Segmentation Data" --only covid-qu-ex --subset test --out quant/
+
+    \b
+    On several processes (pip install 'minunet[mpi]'), each quantifies a share of the X-rays:
+      mpiexec -n 8 minunet quantify archive/ --out quant/
     """
+    from minunet.distributed import world
+
+    ranks = world()
+    with ranks.command(backend):
+        _quantify(ranks, backend=backend, **opts)
+
+
+def _quantify(ranks, inputs, out, lung_model, infection_model, threshold, min_area, only, subset, batch_size,
+              backend):
+    """quantify_cmd on this rank: the checks on every rank (``agree``), then its share of whole batches of the
+    X-rays (``batch_range``); rank 0 gathers the rows and reference figures in input order and writes
+    quantify.csv and summary.json."""
     import csv
+    from functools import partial
 
     from PIL import Image
 
     from minunet.cli.errors import CliError
+    from minunet.cli.predict import output_names
     from minunet.data import binarise_mask, read_gray, read_mask
+    from minunet.errors import MinunetError
     from minunet.inference import probabilities
     from minunet.postprocess import drop_small
     from minunet.quantify import COLUMNS, lung_damage, picture, summarise
 
-    check_postprocess(threshold, min_area)
-    if batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {batch_size}")
-    if subset and not only:
-        raise CliError("--subset chooses a list of the --only split file: give --only too")
-    cases = collect_cases(inputs, only, subset, out)
+    catch = (MinunetError, click.ClickException)
+
+    def find_cases():
+        check_postprocess(threshold, min_area)
+        if batch_size < 1:
+            raise CliError(f"--batch-size must be >= 1, got {batch_size}")
+        if subset and not only:
+            raise CliError("--subset chooses a list of the --only split file: give --only too")
+        return collect_cases(inputs, only, subset, out)
+
+    cases = ranks.agree(find_cases, catch)
+    ranks.check_same("\n".join(str(c) for c in cases).encode(), "inputs")
     models = []  # (model, input size, threshold, min_area): the lung model, then the lesion model
     for path, option, area in ((lung_model, "--lung-model", 0.0), (infection_model, "--infection-model", min_area)):
-        model, ck, note = load_model(path, backend.lower(), option=option)
-        if note and not models:
+        model, ck, note = ranks.agree(partial(load_model, path, backend.lower(), option=option), catch)
+        if note and not models and ranks.is_root:
             click.echo(f"note: {note}", err=True)
         t, a = postprocess_of(ck, threshold, area)
         models.append((model, ck.input_size, t, a))
     has_refs = any(lung is not None and inf is not None for _, lung, inf in cases)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, refs, used, no_lung = [], [], set(), []
+    names = output_names([f for f, _, _ in cases])
+    lo, hi = ranks.batch_range(len(cases), batch_size)
+    rows, refs, no_lung = [], [], []
     bar = Bar()
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start : start + batch_size]
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        chunk = cases[start:stop]
         grays = [read_gray(f) for f, _, _ in chunk]
         lung_p, inf_p = ([drop_small(p > t, a) for p in probabilities(m, grays, size, batch_size)]
                          for m, size, t, a in models)
-        for (f, ref_lung, ref_inf), g, lung, inf in zip(chunk, grays, lung_p, inf_p, strict=True):
+        for (f, ref_lung, ref_inf), name, g, lung, inf in zip(chunk, names[start:stop], grays, lung_p, inf_p,
+                                                               strict=True):
             d = lung_damage(lung, inf)
             if d.lung_px == 0:
                 no_lung.append(str(f))
@@ -141,9 +168,14 @@ def quantify_cmd(inputs, out, lung_model, infection_model, threshold, min_area, 
                 ref = ref.as_dict()
             rows.append(row)
             refs.append(ref)
-            Image.fromarray(picture(g, lung, inf, d)).save(out / f"{unique_name(output_stem(f), used)}_quantify.png")
-        bar.update("quantifying", min(start + batch_size, len(cases)), len(cases))
+            Image.fromarray(picture(g, lung, inf, d)).save(out / f"{name}_quantify.png")
+        if ranks.is_root:
+            bar.update("quantifying", stop - lo, hi - lo)
     bar.clear()
+    parts = ranks.gather((rows, refs, no_lung))  # in rank order: the inputs' order
+    if not ranks.is_root:
+        return
+    rows, refs, no_lung = ([x for part in parts for x in part[j]] for j in range(3))
     fields = ["image", *COLUMNS] + (["ref_infected_percent", "ref_severity_score"] if has_refs else [])
     with open(out / "quantify.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
