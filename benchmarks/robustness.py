@@ -126,7 +126,7 @@ def dice_under(model, images, masks, fn, seed=0, batch_size=8):
             xs.append(_to_u8(x))
             ms.append(m)
         x = np.stack(xs).astype(np.float32)[:, None] / np.float32(255)
-        pred = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x))))) > 0.5
+        pred = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x), train=False)))) > 0.5
         acc.add(pred, np.stack(ms)[:, None])
     return acc
 
@@ -142,7 +142,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     ck = load_checkpoint(a.model)
     model = ck.build_model(get_backend(a.backend))
-    size = int(ck.meta.get("train_config", {}).get("size", 256))
+    size = ck.input_size
     lung_items, label = filter_items(find_data(a.data, "lung").items("all"), a.only, a.subset)
     inf_items, _ = filter_items(find_data(a.data, "infection").items("all"), a.only, a.subset)
     lung = load_arrays(lung_items, size, default_cache_dir())
