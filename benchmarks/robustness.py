@@ -40,8 +40,7 @@ from minunet.cli.evaluate import filter_items
 from minunet.data import default_cache_dir, find_data, load_arrays
 from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator
-
-BANDS = ((0, 25), (25, 50), (50, 75), (75, 100.0001))
+from minunet.quantify import BANDS
 
 
 def _to_u8(x):
@@ -165,7 +164,7 @@ def main(argv=None):
             covid = np.array([g == "COVID-19" for g in lung.groups])
             for lo, hi in BANDS:
                 sel = covid & (share >= lo) & (share < hi)
-                band = {"band": f"{lo}-{int(hi)}%", "n": int(sel.sum()),
+                band = {"band": f"{lo}-{min(hi, 100)}%", "n": int(sel.sum()),
                         "dice": float(dice[sel].mean()) if sel.any() else None}
                 result["bands"].append(band)
     print("lung Dice by infected share of the lung (reference masks, COVID-19 images):")
