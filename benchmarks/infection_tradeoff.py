@@ -19,8 +19,7 @@ import sys
 import numpy as np
 
 from minunet.checkpoint import load_checkpoint
-from minunet.cli.evaluate import filter_items
-from minunet.data import default_cache_dir, find_data, load_arrays
+from minunet.data import default_cache_dir, filter_items, find_data, load_arrays
 from minunet.evaluation import evaluate_model
 from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator, selection_score

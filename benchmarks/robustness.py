@@ -36,8 +36,7 @@ from PIL import Image
 
 from minunet.checkpoint import load_checkpoint
 from minunet.cli.common import DEFAULT_MODEL
-from minunet.cli.evaluate import filter_items
-from minunet.data import default_cache_dir, find_data, load_arrays
+from minunet.data import default_cache_dir, filter_items, find_data, load_arrays
 from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator
 from minunet.quantify import BANDS

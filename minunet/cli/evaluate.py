@@ -42,36 +42,6 @@ def choose_split(index, split):
     return split, items
 
 
-def filter_items(items, only, subset=None):
-    """(items named in ``only``, which list): a text list of names, or a split file (JSON: a run's
-    split.json or a committed split such as covid-qu-ex) whose ``subset`` list is used (default: test
-    when the file has one, else val)."""
-    from pathlib import Path
-
-    from minunet.data import name_matches, read_name_list, read_split, resolve_split_path
-    from minunet.data.split_files import NAMED
-    from minunet.errors import DataError
-
-    path = resolve_split_path(only)
-    if only in NAMED or path.suffix == ".json":
-        parts = read_split(only)
-        subset = subset or ("test" if "test" in parts else "val")
-        if subset not in parts:
-            raise DataError(f"{path} has no {subset} list (it has: {', '.join(parts)}): choose another --subset")
-        names, label = set(parts[subset]), f"{subset} of {path.name}"
-    else:
-        if subset:
-            raise DataError(f"--subset needs a split file (JSON), but {path} is a text list of names")
-        names, label = read_name_list(path), Path(only).name
-    kept = [it for it in items if name_matches(it, names)]
-    if not kept:  # DATA points below the run's data root: match the tails of the listed names
-        tails = {"/".join(n.split("/")[i:]) for n in names for i in range(len(n.split("/")))}
-        kept = [it for it in items if name_matches(it, tails)]
-    if not kept:
-        raise DataError(f"none of the images in {path} are in this data folder: check DATA and --only")
-    return kept, label
-
-
 def trained_on(items, split: dict) -> list:
     """The ``items`` that a model trained on ``split`` (the file lists its checkpoint records) saw in training.
 
@@ -188,7 +158,7 @@ def _evaluate(ranks, data, model_path, mask, split, as_json, size, threshold, mi
     order and rank 0 reports them."""
     from minunet.checkpoint import path_name
     from minunet.cli.errors import CliError
-    from minunet.data import default_cache_dir, find_data, load_arrays
+    from minunet.data import default_cache_dir, filter_items, find_data, load_arrays
     from minunet.distributed import merge_mask_stats
     from minunet.errors import MinunetError
     from minunet.evaluation import evaluate_model

@@ -25,9 +25,8 @@ def collect_cases(inputs, only=None, subset=None, out=None):
     A COVID-QU-Ex folder gives every image with its 'lung masks' and 'infection masks' twins, when it has
     them (``only``/``subset`` pick a list of a split file, as for evaluate); files and plain folders
     give images without references. What predict or quantify wrote to ``out`` is never an input."""
-    from minunet.cli.evaluate import filter_items
     from minunet.cli.predict import collect_inputs, is_own_output
-    from minunet.data import find_data, subdir
+    from minunet.data import filter_items, find_data, subdir
     from minunet.errors import DataError
 
     out = None if out is None else Path(out).expanduser()

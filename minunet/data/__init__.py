@@ -28,12 +28,12 @@ from minunet.data.decode import (
 )
 from minunet.data.discover import IMAGE_EXTS, MASK_KINDS, DataIndex, Item, find_data, is_image, list_images, subdir
 from minunet.data.split import Split, make_split, name_matches, read_name_list
-from minunet.data.split_files import read_exclude, read_split, resolve_split_path, split_from_file
+from minunet.data.split_files import filter_items, read_exclude, read_split, resolve_split_path, split_from_file
 
 __all__ = [
     "IMAGE_EXTS", "MASK_KINDS", "ArraySet", "Augment", "BatchLoader", "DataIndex", "Decoded", "Item", "MaskStats",
-    "Split", "binarise_mask", "cache_key", "decode_item", "default_cache_dir", "epoch_order", "find_data",
-    "is_image", "iter_eval_batches", "list_images", "load_arrays", "make_batch", "make_split", "name_matches",
-    "num_batches", "read_exclude", "read_gray", "read_image", "read_mask", "read_name_list", "read_split",
-    "resize_gray", "resolve_split_path", "split_from_file", "subdir",
+    "Split", "binarise_mask", "cache_key", "decode_item", "default_cache_dir", "epoch_order", "filter_items",
+    "find_data", "is_image", "iter_eval_batches", "list_images", "load_arrays", "make_batch", "make_split",
+    "name_matches", "num_batches", "read_exclude", "read_gray", "read_image", "read_mask", "read_name_list",
+    "read_split", "resize_gray", "resolve_split_path", "split_from_file", "subdir",
 ]

@@ -129,3 +129,27 @@ def index_from_names(names) -> DataIndex:
     items = sorted((Item(Path(n), None, n.split("/")[0], n) for n in names),
                    key=lambda it: (it.group, it.name.split("/")[-1]))
     return DataIndex(Path("."), "covid-qu-ex", "infection", {"train": items})
+
+
+def filter_items(items, only, subset=None):
+    """(items named in ``only``, which list), for evaluate --only, quantify --only and the benchmarks: a
+    text list of names, or a split file (JSON: a run's split.json or a committed split such as
+    covid-qu-ex) whose ``subset`` list is used (default: test when the file has one, else val)."""
+    path = resolve_split_path(only)
+    if only in NAMED or path.suffix == ".json":
+        parts = read_split(only)
+        subset = subset or ("test" if "test" in parts else "val")
+        if subset not in parts:
+            raise DataError(f"{path} has no {subset} list (it has: {', '.join(parts)}): choose another --subset")
+        names, label = set(parts[subset]), f"{subset} of {path.name}"
+    else:
+        if subset:
+            raise DataError(f"--subset needs a split file (JSON), but {path} is a text list of names")
+        names, label = read_name_list(path), Path(only).name
+    kept = [it for it in items if name_matches(it, names)]
+    if not kept:  # DATA points below the run's data root: match the tails of the listed names
+        tails = {"/".join(n.split("/")[i:]) for n in names for i in range(len(n.split("/")))}
+        kept = [it for it in items if name_matches(it, tails)]
+    if not kept:
+        raise DataError(f"none of the images in {path} are in this data folder: check DATA and --only")
+    return kept, label
