@@ -86,7 +86,7 @@ from minunet.runfolder import (
 # that --resume may change (recorded under "changes": the run stops being bitwise comparable there).
 DETERMINISTIC_KEYS = (
     "data", "mask", "batch_size", "lr", "lr_schedule", "loss", "base_channels", "depth", "size",
-    "seed", "val_fraction", "limit", "augment", "exclude", "split_file", "init",
+    "seed", "val_fraction", "limit", "augment", "exclude", "split_file", "init", "whiten_lesions",
 )
 RESUME_MAY_CHANGE = ("lr",)
 PATH_KEYS = ("data", "exclude", "split_file", "init")  # stored resolved, so a run resumes from any folder
@@ -117,6 +117,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     limit: int | None = None
     augment: bool = False
+    whiten_lesions: float = 0.0  # lung runs: probability of Augment's lesion whitening (needs infection masks)
     exclude: str | None = None  # a file listing images to keep out of training and validation
     split_file: str | None = None  # a split file (data/split_files.py) whose train and val lists are used
     init: str | None = None  # a checkpoint whose weights the model starts from (Adam starts fresh)
@@ -139,11 +140,20 @@ class TrainConfig:
             (self.lr_schedule in LR_SCHEDULES, f"unknown --lr-schedule {self.lr_schedule!r}"),
             (self.loss in LOSSES, f"unknown --loss {self.loss!r}: choose {' or '.join(LOSSES)}"),
             (self.mask in MASK_KINDS, f"unknown --mask {self.mask!r}: choose {' or '.join(MASK_KINDS)}"),
+            (0 <= self.whiten_lesions <= 1, f"--whiten-lesions must be between 0 and 1, got {self.whiten_lesions}"),
+            (not self.whiten_lesions or self.mask == "lung",
+             "--whiten-lesions whitens the infected regions of the images while a lung model learns: it needs "
+             "--mask lung"),
+            (not self.whiten_lesions or self.augment,
+             "--whiten-lesions is part of the augmentation: add --augment"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
         check_size(self.size, self.depth)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _resolved(key: str, value):
@@ -285,6 +295,8 @@ def _read_prior(cfg: TrainConfig, out: Path, resume: bool, force: bool) -> dict:
     if resume:
         info = load_run_info(out)
         saved = info["train"]
+        # a setting newer than the run is compared as its default (what the run had without it)
+        saved = {k: saved.get(k, _DEFAULTS.get(k)) for k in DETERMINISTIC_KEYS} | saved
         diffs = [f"{k} {getattr(cfg, k)!r} (the run has {saved.get(k)!r})" for k in DETERMINISTIC_KEYS
                  if k not in RESUME_MAY_CHANGE and _comparable(k, saved.get(k)) != getattr(cfg, k)]
         if diffs:
@@ -304,6 +316,20 @@ def _read_prior(cfg: TrainConfig, out: Path, resume: bool, force: bool) -> dict:
                                 "--init needs a checkpoint of the same --base-channels and --depth")
         prior["init"] = init
     return prior
+
+
+def lesion_items_for(data, train_items) -> list:
+    """The infection-mask items of ``train_items`` (same images, in the same order), for lesion whitening:
+    lung training reads the lung masks, and the whitening needs the infection masks of the same images."""
+    try:
+        by_image = {it.image: it for it in find_data(data, "infection").items()}
+    except DataError as e:
+        raise DataError(f"--whiten-lesions needs the data's infection masks: {e}") from None
+    missing = [it.name for it in train_items if it.image not in by_image]
+    if missing:
+        raise DataError(f"--whiten-lesions needs an infection mask for every training image; {len(missing)} have "
+                        f"none, e.g. {missing[0]}")
+    return [by_image[it.image] for it in train_items]
 
 
 def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resume: bool, force: bool, ranks):
@@ -330,6 +356,7 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
             raise ConfigError(f"--resume: the run in {out} used the {ran_on} backend; resuming on {backend.name} "
                               f"would not continue it bit for bit: pass --backend {ran_on}, or start a new run from "
                               f"its weights with --init {out / 'last.npz'} and another --out")
+        lesion_items = lesion_items_for(cfg.data, split.train) if cfg.whiten_lesions else None
         split_json = split.to_json(index)
         old = prior["old_split"]
         if resume and (old is None or old.get("train") != split_json["train"] or old.get("val") != split_json["val"]):
@@ -337,9 +364,9 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
                               f"{out / 'split.json'}: restore the data or start a new run")
         check_training_memory(cfg.base_channels, cfg.depth, cfg.size, -(-cfg.batch_size // ranks.size),
                               len(split.train) + len(split.val), backend)
-        return index, split, split_json, backend, note
+        return index, split, split_json, backend, note, lesion_items
 
-    index, split, split_json, backend, note = ranks.agree(find)
+    index, split, split_json, backend, note, lesion_items = ranks.agree(find)
     ranks.check_same(json.dumps(split_json, sort_keys=True).encode(), "training and validation files")
     emit("backend", name=backend.name, note=note)
     cache_dir = default_cache_dir() if cfg.cache_dir is None else (cfg.cache_dir or None)
@@ -357,10 +384,13 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
         if cfg.mask == "lung" and train_set.mask_stats.all_empty():  # every image has lungs: these masks are wrong
             raise DataError(f"every lung mask of the {len(train_set)} training images in {index.root} is empty: "
                             "check the masks (lungs marked with 255, or 1, on 0)")
-        return train_set, load_arrays(split.val, cfg.size, cache_dir, cfg.workers, decode_progress("val"))
+        lesions = None if lesion_items is None else load_arrays(
+            lesion_items, cfg.size, cache_dir, cfg.workers, decode_progress("infection masks")).masks
+        return train_set, load_arrays(split.val, cfg.size, cache_dir, cfg.workers, decode_progress("val")), lesions
 
     # With a cache, the first rank of each machine decodes and writes it, and its other ranks read it.
-    train_set, val_set = (ranks.local_first if cache_dir else ranks.agree)(decode, (MinunetError, _StopBeforeTraining))
+    decode_once = ranks.local_first if cache_dir else ranks.agree
+    train_set, val_set, lesions = decode_once(decode, (MinunetError, _StopBeforeTraining))
     if ranks.any(guard.requested):
         raise _StopBeforeTraining
     emit("data", describe=index.describe(), n_train=len(train_set), n_val=len(val_set), val_source=split.source,
@@ -400,7 +430,7 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
                                  "batch and the order of the sums change; config.json lists the change under "
                                  "\"changes\")")
     state = ranks.share_state(model, opt, state)  # rank 0's weights, moments and position on every rank
-    augment = Augment() if cfg.augment else None
+    augment = Augment(whiten=cfg.whiten_lesions) if cfg.augment else None
 
     def write(path: Path, how):
         """Run ``how()``, which writes ``path``, on rank 0; an OSError (a full disk...) stops the run saying what
@@ -457,7 +487,8 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
             raise KeyboardInterrupt
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
-            loader = BatchLoader(train_set, cfg.batch_size, cfg.seed, epoch, start=state["batch"], augment=augment)
+            loader = BatchLoader(train_set, cfg.batch_size, cfg.seed, epoch, start=state["batch"], augment=augment,
+                                 lesions=lesions)
             emit("epoch_start", epoch=epoch + 1, epochs=cfg.epochs, n_batches=n_b, start=state["batch"])
             t_start = time.perf_counter() - state["seconds"]
             t_images, n_images = time.perf_counter(), 0

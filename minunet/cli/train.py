@@ -94,6 +94,10 @@ class TrainReporter:
 @config_option("--val-fraction", type=float, help="Held-out share per class when the data has no Val split.")
 @config_option("--limit", type=int, help="Use only N images (a seeded pick), for quick runs.")
 @config_option("--augment/--no-augment", help="Seeded small rotations, shifts and intensity changes.")
+@config_option("--whiten-lesions", type=click.FloatRange(0, 1), metavar="P",
+               help="Lung runs with --augment: with probability P, brighten each image's infected region (from "
+                    "the data's infection masks) towards soft-tissue white, so the model learns that consolidated "
+                    "lung is still lung.")
 @config_option("--exclude", type=click.Path(path_type=str),
                help="Images to keep out: a text file of names (e.g. minunet/assets/sample/FILES.txt), or a split "
                     "file (a run's split.json, covid-qu-ex) whose held-out val and test lists are kept out.")

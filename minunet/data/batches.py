@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from minunet.data.decode import ArraySet
 
@@ -31,24 +31,41 @@ def num_batches(n: int, batch_size: int) -> int:
 
 @dataclass
 class Augment:
-    """Seeded augmentation: a small rotation and shift (image bilinear, mask nearest), then intensity.
+    """Seeded augmentation: lesion whitening (optional), a small rotation and shift (image bilinear,
+    mask nearest), then intensity.
 
-    intensity: x -> clip(contrast * x**gamma + brightness, 0, 1)."""
+    intensity: x -> clip(contrast * x**gamma + brightness, 0, 1).
+
+    Lesion whitening (``whiten > 0``, lung training with the data's infection masks): with probability
+    ``whiten`` the infected region L of the image is brought towards the brightness of soft tissue,
+
+        x -> x + a * blur(L) * max(t - x, 0),   a ~ U(0.3, 0.8),  t = the image's 80th percentile,
+
+    before the geometry, while the lung mask stays as it is. In severe COVID-19 the consolidated lung is
+    as white as the heart and the diaphragm, and a model trained on mostly aerated (dark) lungs leaves
+    it out; whitening teaches that a white region inside the lung outline is still lung. ``blur`` is a
+    Gaussian of sigma ``4 * S / 256`` px, so the whitened region fades in as consolidation does. Only
+    brightens (max(., 0)), and only where L is, so a Normal image (empty L) is unchanged. Its draws
+    come after the others, so a run without it draws the same rotations and intensities as before."""
 
     max_rotate: float = 7.0  # degrees
     max_shift: float = 0.06  # fraction of the size
     contrast: float = 0.15  # factor in [1 - c, 1 + c]
     brightness: float = 0.08  # added, in [-b, b]
     gamma: float = 0.25  # exponent in [1/(1+g), 1+g]
+    whiten: float = 0.0  # probability of lesion whitening (needs the lesion mask)
 
-    def apply(self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
-        """img uint8 (S,S), mask uint8 (S,S) -> float32 image in [0, 1], uint8 mask."""
+    def apply(self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, lesion: np.ndarray | None = None):
+        """img uint8 (S,S), mask uint8 (S,S), lesion uint8 0/1 (S,S) or None -> float32 image in [0, 1],
+        uint8 mask."""
         s = img.shape[-1]
         angle = rng.uniform(-self.max_rotate, self.max_rotate)
         tx, ty = (int(round(v)) for v in rng.uniform(-self.max_shift * s, self.max_shift * s, 2))
         c = rng.uniform(1 - self.contrast, 1 + self.contrast)
         b = rng.uniform(-self.brightness, self.brightness)
         g = float(np.exp(rng.uniform(-np.log1p(self.gamma), np.log1p(self.gamma))))
+        if self.whiten > 0 and lesion is not None:
+            img = whiten_lesion(img, lesion, rng, self.whiten)
         im = Image.fromarray(np.ascontiguousarray(img)).rotate(angle, Image.BILINEAR, translate=(tx, ty))
         mk = Image.fromarray(np.ascontiguousarray(mask)).rotate(angle, Image.NEAREST, translate=(tx, ty))
         x = np.asarray(im, np.float32) / np.float32(255)
@@ -56,8 +73,27 @@ class Augment:
         return x, np.asarray(mk, np.uint8)
 
 
-def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None):
-    """x float32 (B,1,S,S) in [0,1] and y float32 (B,1,S,S) in {0,1} for the images ``ids``."""
+def whiten_lesion(img: np.ndarray, lesion: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
+    """``Augment``'s lesion whitening of uint8 ``img`` (S,S) inside the 0/1 ``lesion`` mask, with probability p.
+
+    Always draws two numbers (whether to whiten, and a), so the draws of a batch do not depend on the
+    images' masks."""
+    do, a = rng.uniform() < p, rng.uniform(0.3, 0.8)
+    if not do or not lesion.any():
+        return img
+    sigma = 4.0 * img.shape[-1] / 256
+    soft = Image.fromarray(np.ascontiguousarray(lesion, np.uint8) * np.uint8(255))
+    soft = soft.filter(ImageFilter.GaussianBlur(sigma))
+    soft = np.asarray(soft, np.float32) / np.float32(255)
+    x = img.astype(np.float32)
+    t = np.float32(np.percentile(x, 80))
+    x = x + np.float32(a) * soft * np.maximum(t - x, np.float32(0))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None, lesions: np.ndarray | None = None):
+    """x float32 (B,1,S,S) in [0,1] and y float32 (B,1,S,S) in {0,1} for the images ``ids``; ``lesions``
+    (uint8 (N,S,S), the infection masks of ``data``'s images) feeds the augmentation's lesion whitening."""
     ids = np.asarray(ids)
     sorted_ids, back = np.sort(ids), np.argsort(np.argsort(ids))  # sorted reads from the memmap, then batch order
     imgs = np.asarray(data.images[sorted_ids])[back]
@@ -69,7 +105,7 @@ def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None):
         x = np.empty(imgs.shape, np.float32)
         y = np.empty(imgs.shape, np.float32)
         for k in range(len(ids)):
-            x[k], m = augment.apply(imgs[k], msks[k], rng)
+            x[k], m = augment.apply(imgs[k], msks[k], rng, None if lesions is None else lesions[ids[k]])
             y[k] = m
     return x[:, None], y[:, None]
 
@@ -82,7 +118,8 @@ class BatchLoader:
     (b, x, y)."""
 
     def __init__(self, data: ArraySet, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 augment: Augment | None = None, prefetch: int = 2):
+                 augment: Augment | None = None, prefetch: int = 2, lesions: np.ndarray | None = None):
+        self.lesions = lesions
         self.data, self.batch_size, self.seed, self.epoch = data, batch_size, seed, epoch
         self.order = epoch_order(len(data), seed, epoch)
         self.n_batches = num_batches(len(data), batch_size)
@@ -91,7 +128,7 @@ class BatchLoader:
     def batch(self, b: int):
         ids = self.order[b * self.batch_size : (b + 1) * self.batch_size]
         rng = np.random.default_rng([self.seed, self.epoch, b])
-        return make_batch(self.data, ids, self.augment, rng)
+        return make_batch(self.data, ids, self.augment, rng, self.lesions)
 
     def __len__(self):
         return max(0, self.n_batches - self.start)
