@@ -24,6 +24,7 @@ from minunet.data import (
     read_name_list,
     subdir,
 )
+from minunet.data.batches import whiten_lesion
 from minunet.errors import DataError, MinunetWarning
 
 SAMPLE = Path(__file__).resolve().parent.parent / "minunet" / "assets" / "sample"
@@ -186,6 +187,33 @@ def test_epoch_order_and_batches_are_reproducible_and_skippable(tmp_path):
     assert not np.array_equal(plain[1], aug[1]) and set(np.unique(aug[2])) <= {0.0, 1.0}
     order = epoch_order(7, 3, 1)
     assert np.array_equal(plain[1][:, 0], arr.images[order] / np.float32(255))
+
+
+def test_lesion_whitening_brightens_only_the_lesion_and_keeps_the_other_draws():
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 64)) * 120).astype(np.uint8)  # a dark (aerated) lung everywhere
+    img[0, :8] = 250  # a few bright pixels set the soft-tissue target (the 80th percentile stays dark here)
+    img[:, 48:] = 220  # a bright band: the 80th percentile is 220
+    img[30, 20] = 250  # a bone-white pixel inside the lesion, brighter than the target: kept, not darkened
+    lesion = np.zeros((64, 64), np.uint8)
+    lesion[20:40, 10:30] = 1
+    out = whiten_lesion(img, lesion, np.random.default_rng(1), p=1.0)
+    far = np.ones((64, 64), bool)
+    far[4:56, 0:46] = False  # more than 2.5 blur sigmas (4 px at 256, 1 px here) from the lesion
+    assert np.array_equal(out[far], img[far])  # nothing changes away from the lesion
+    assert (out.astype(int) >= img.astype(int)).all()  # only brightens
+    inside = out[25:35, 15:25].astype(float) - img[25:35, 15:25]
+    assert inside.mean() > 0.3 * (220 - img[25:35, 15:25].mean()) - 1  # a >= 0.3 of the way to the target
+    assert np.array_equal(whiten_lesion(img, lesion, np.random.default_rng(1), p=0.0), img)  # p = 0: never
+    assert np.array_equal(whiten_lesion(img, np.zeros_like(lesion), np.random.default_rng(1), p=1.0), img)
+    # The whitening draws come after the others: the rotation and intensity draws are those of a run without it,
+    # so pixels the (rotated) lesion cannot reach are the same with and without it.
+    mask = np.ones((64, 64), np.uint8)
+    plain, m0 = Augment().apply(img, mask, np.random.default_rng(5))
+    empty, m1 = Augment(whiten=1.0).apply(img, mask, np.random.default_rng(5), np.zeros_like(lesion))
+    white, m2 = Augment(whiten=1.0).apply(img, mask, np.random.default_rng(5), lesion)
+    assert np.array_equal(plain, empty) and np.array_equal(m0, m1) and np.array_equal(m0, m2)
+    assert (white >= plain).all() and (white > plain).sum() > 200  # the lung mask is kept, the lesion whitened
 
 
 def test_shipped_sample_is_balanced_and_listed():

@@ -13,7 +13,7 @@ from test_cli import run
 import minunet.train as train_mod
 from minunet.checkpoint import load_checkpoint
 from minunet.data import find_data, load_arrays
-from minunet.errors import ConfigError
+from minunet.errors import ConfigError, DataError
 from minunet.evaluation import evaluate_model
 from minunet.train import TrainConfig, train
 
@@ -56,10 +56,11 @@ def params_and_moments(path):
     return ck.params, ck.adam["m"], ck.adam["v"], ck.meta["state"]
 
 
-@pytest.mark.parametrize("stop_at,augment", [(4, True), (3, False), (6, False)])
-def test_interrupt_and_resume_gives_identical_weights(data_dir, tmp_path, stop_at, augment):
+@pytest.mark.parametrize("stop_at,augment,whiten", [(4, True, 0.0), (3, False, 0.0), (6, False, 0.0), (4, True, 1.0)])
+def test_interrupt_and_resume_gives_identical_weights(data_dir, tmp_path, stop_at, augment, whiten):
     """Ctrl-C (a KeyboardInterrupt from the progress callback) after step ``stop_at``, then --resume."""
-    train(cfg(data_dir, tmp_path / "a", augment=augment))
+    augment = dict(augment=augment, whiten_lesions=whiten)
+    train(cfg(data_dir, tmp_path / "a", **augment))
 
     steps = []
 
@@ -69,11 +70,11 @@ def test_interrupt_and_resume_gives_identical_weights(data_dir, tmp_path, stop_a
             if len(steps) == stop_at:
                 raise KeyboardInterrupt
 
-    res = train(cfg(data_dir, tmp_path / "b", augment=augment), ctrl_c)
+    res = train(cfg(data_dir, tmp_path / "b", **augment), ctrl_c)
     assert res.status == "interrupted"
     state = load_checkpoint(tmp_path / "b" / "last.npz").meta["state"]
     assert state["step"] == stop_at
-    res = train(cfg(data_dir, tmp_path / "b", augment=augment), resume=True)
+    res = train(cfg(data_dir, tmp_path / "b", **augment), resume=True)
     assert res.status == "done"
     pa, ma, va, sa = params_and_moments(tmp_path / "a" / "last.npz")
     pb, mb, vb, sb = params_and_moments(tmp_path / "b" / "last.npz")
@@ -201,10 +202,38 @@ def test_a_run_on_relative_paths_resumes_from_another_folder(data_dir, tmp_path,
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=0.0), dict(lr=-1.0), dict(batch_size=0), dict(size=34),
-                                 dict(val_fraction=1.5), dict(limit=1), dict(loss="mse")])
+                                 dict(val_fraction=1.5), dict(limit=1), dict(loss="mse"),
+                                 dict(whiten_lesions=0.5), dict(whiten_lesions=1.5, augment=True),
+                                 dict(whiten_lesions=0.5, augment=True, mask="infection")])
 def test_bad_settings_are_config_errors(data_dir, tmp_path, bad):
     with pytest.raises(ConfigError):
         train(cfg(data_dir, tmp_path / "x", **bad))
+
+
+def test_lesion_whitening_changes_the_lung_run_and_needs_infection_masks(data_dir, tmp_path):
+    plain = train(cfg(data_dir, tmp_path / "plain", epochs=1, augment=True))
+    white = train(cfg(data_dir, tmp_path / "white", epochs=1, augment=True, whiten_lesions=1.0))
+    assert plain.history[0]["train_loss"] != white.history[0]["train_loss"]  # the COVID-19 images were whitened
+    saved = json.loads((tmp_path / "white" / "config.json").read_text())["train"]
+    assert saved["whiten_lesions"] == 1.0
+    with pytest.raises(ConfigError, match="whiten_lesions"):
+        train(cfg(data_dir, tmp_path / "white", epochs=2, augment=True), resume=True)
+    no_infection = tmp_path / "lungs_only"
+    make_qu(no_infection, n_per_class=4, infection=False)
+    with pytest.raises(DataError, match="--whiten-lesions needs the data's infection masks"):
+        train(cfg(no_infection, tmp_path / "x", augment=True, whiten_lesions=0.5))
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(data_dir, tmp_path):
+    train(cfg(data_dir, tmp_path / "old", epochs=1))
+    path = tmp_path / "old" / "config.json"
+    info = json.loads(path.read_text())
+    del info["train"]["whiten_lesions"]  # as written before --whiten-lesions
+    path.write_text(json.dumps(info))
+    res = train(cfg(data_dir, tmp_path / "old", epochs=2), resume=True)
+    assert res.status == "done" and [r["epoch"] for r in res.history] == [1, 2]
+    with pytest.raises(ConfigError, match="whiten_lesions"):
+        train(cfg(data_dir, tmp_path / "old", epochs=3, augment=True, whiten_lesions=0.5), resume=True)
 
 
 class Oracle:
