@@ -39,6 +39,7 @@ from minunet.cli.common import DEFAULT_MODEL
 from minunet.data import default_cache_dir, filter_items, find_data, load_arrays
 from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator
+from minunet.postprocess import drop_small
 from minunet.quantify import BANDS
 
 
@@ -113,8 +114,9 @@ def perturbations():
     }
 
 
-def dice_under(model, images, masks, fn, seed=0, batch_size=8):
-    """Per-image Dice of the model on the perturbed images (threshold 0.5, no post-processing)."""
+def dice_under(model, images, masks, fn, seed=0, batch_size=8, threshold=0.5, min_area=0.0):
+    """Per-image Dice of the model on the perturbed images, after its post-processing (sigmoid > threshold,
+    components under ``min_area`` of the image dropped: what evaluate and predict do with the model)."""
     be = model.backend
     acc = ScoreAccumulator()
     for s in range(0, len(images), batch_size):
@@ -124,7 +126,8 @@ def dice_under(model, images, masks, fn, seed=0, batch_size=8):
             xs.append(_to_u8(x))
             ms.append(m)
         x = np.stack(xs).astype(np.float32)[:, None] / np.float32(255)
-        pred = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x), train=False)))) > 0.5
+        pred = drop_small(np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x), train=False)))) > threshold,
+                          min_area)
         acc.add(pred, np.stack(ms)[:, None])
     return acc
 
@@ -145,12 +148,14 @@ def main(argv=None):
     inf_items, _ = filter_items(find_data(a.data, "infection").items("all"), a.only, a.subset)
     lung = load_arrays(lung_items, size, default_cache_dir())
     inf = load_arrays(inf_items, size, default_cache_dir())
-    print(f"{label}: {len(lung)} images at {size}x{size}; model {a.model}")
-    result = {"model": a.model, "images": label, "n": len(lung), "perturbations": {}, "bands": []}
+    pp = ck.postprocess
+    print(f"{label}: {len(lung)} images at {size}x{size}; model {a.model} (threshold {pp['threshold']:g}, "
+          f"min area {pp['min_area']:g})")
+    result = {"model": a.model, "images": label, "n": len(lung), "postprocess": pp, "perturbations": {}, "bands": []}
     clean = None
     for name, fn in perturbations().items():
         t0 = time.perf_counter()
-        acc = dice_under(model, lung.images, lung.masks, fn)
+        acc = dice_under(model, lung.images, lung.masks, fn, **pp)
         d = float(acc.per_image_dice().mean())
         clean = d if clean is None else clean
         result["perturbations"][name] = d
