@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from minunet import bench
+from minunet import bench, bench_widths
 from minunet.bench import (
     add_sgemm_share,
     blas_setting,
     format_op_table,
     forward_flops,
-    measure_fresh,
     median_ms,
     minunet_stepper,
     op_table,
@@ -28,6 +27,7 @@ from minunet.bench import (
     step_flops,
     unet_ops,
 )
+from minunet.bench_widths import measure_fresh
 from minunet.cli import main
 from minunet.footprint import layer_rows
 from minunet.kernels.numpy_ref import NumpyBackend
@@ -158,7 +158,7 @@ def strict_loads(text):
 
 
 def test_widths_without_torch_run_each_width_in_a_fresh_process(monkeypatch, small_sgemm):
-    monkeypatch.setattr(bench, "torch_importable", lambda: False)
+    monkeypatch.setattr(bench_widths, "torch_importable", lambda: False)
     r = CliRunner().invoke(main, ["bench", "--backend", "numpy", "--size", "16", "--depth", "1", "--repeats", "1",
                                   "--widths", "2,4", "--json"])
     assert r.exit_code == 0, r.output
@@ -174,7 +174,7 @@ def test_widths_without_torch_run_each_width_in_a_fresh_process(monkeypatch, sma
 
 
 def test_inference_times_the_forward_pass_alone(monkeypatch, small_sgemm):
-    monkeypatch.setattr(bench, "torch_importable", lambda: False)
+    monkeypatch.setattr(bench_widths, "torch_importable", lambda: False)
     r = CliRunner().invoke(main, ["bench", "--backend", "numpy", "--size", "16", "--depth", "1", "--base", "2",
                                   "--repeats", "1", "--inference", "--json"])
     assert r.exit_code == 0, r.output
@@ -196,8 +196,8 @@ def test_widths_table_with_a_fake_torch(monkeypatch, small_sgemm):
         peak = math.nan if impl == "torch" and base == 32 else 1000.0 + base
         return dict(ms=ms, peak_rss_mb=peak, rss_before_mb=100.0, version="PyTorch 9.9 (fake)")
 
-    monkeypatch.setattr(bench, "torch_importable", lambda: True)
-    monkeypatch.setattr(bench, "measure_fresh", lambda **kw: fake(**kw))
+    monkeypatch.setattr(bench_widths, "torch_importable", lambda: True)
+    monkeypatch.setattr(bench_widths, "measure_fresh", lambda **kw: fake(**kw))
     args = ["bench", "--size", "64", "--widths", "16,32,64", "--repeats", "1"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "1 measurement(s) failed: torch (exit status -9): killed" in r.output, r.output

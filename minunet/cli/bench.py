@@ -61,6 +61,7 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, w
     FLOPs of its forward (convolutions and up-convolutions, 2 per multiply-add). The OpenBLAS
     setting (OPENBLAS_CORETYPE, and the kernels OpenBLAS chose) is printed with the results."""
     from minunet import bench as lib
+    from minunet import bench_widths
     from minunet.kernels import open_backend
 
     if size % 2**depth:
@@ -81,7 +82,7 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, w
 
     if widths is not None or inference:
         mode = "inference" if inference else "step"
-        rows = lib.width_table(widths or (base,), depth, size, repeats, batch_size, mode, be.name,
+        rows = bench_widths.width_table(widths or (base,), depth, size, repeats, batch_size, mode, be.name,
                                torch_compare, progress)
         for r in rows:
             lib.add_sgemm_share(r, ceiling)
@@ -93,7 +94,7 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, w
                     else "inference (forward pass only)")
             click.echo(f"{what}, {be.name}, float32, {size}x{size}, depth {depth}; minunet and PyTorch each alone "
                        f"in a fresh process, median of {repeats}")
-            click.echo(lib.format_width_table(rows))
+            click.echo(bench_widths.format_width_table(rows))
             click.echo(f"GFLOP: {'3x ' if mode == 'step' else ''}the forward's convolutions and up-convolutions "
                        "(2 per multiply-add); GFLOP/s and % sgemm are minunet's. Peak MiB: ru_maxrss of each "
                        f"process, imports included (before the model: minunet "
