@@ -11,6 +11,13 @@ memory; when PyTorch is importable it also times the same network and step in
 PyTorch (channels_last, same thread count), the two interleaved so both see
 the same machine load. PyTorch is never a dependency.
 
+``bench_widths.py`` measures the step (or the forward pass alone) at several
+base widths, each measurement in a fresh process. ``sgemm_ceiling`` times a
+large float32 product in the same run: the share of it that an op or a step
+reaches says how close it comes to this machine's BLAS, whatever the machine. FLOPs count the
+convolutions and up-convolutions only, a multiply-add as 2 (``forward_flops``);
+a training step counts 3x its forward (``step_flops``).
+
 The timer (``median_ms``), the steppers (``minunet_stepper`` here,
 ``torch_twin.torch_stepper``) and ``op_table`` are shared with
 ``benchmarks/gpu_bench.py``. Nothing here prints: results are dicts;
@@ -19,6 +26,8 @@ The timer (``median_ms``), the steppers (``minunet_stepper`` here,
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import os
 import resource
 import statistics
@@ -61,6 +70,57 @@ def median_ms(fn, sync=None, repeats=5, warmup=1, budget_s=None):
     return 1e3 * statistics.median(times), len(times)
 
 
+SGEMM_N = 2048
+
+
+def sgemm_ceiling(n=SGEMM_N, repeats=5):
+    """This machine's float32 matrix-product speed: ``np.dot`` of two n x n float32 matrices
+    (NumPy's BLAS on all the threads it uses), 2 n**3 FLOPs, median of ``repeats`` after one
+    warm-up. Returns dict n, ms, gflops.
+
+    The convolutions are matrix products, so this is the practical ceiling their GFLOP/s are
+    measured against (``add_sgemm_share``): a share near 100% leaves little to gain on this
+    machine, whatever its absolute speed."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
+    out = np.empty((n, n), np.float32)
+    ms, _ = median_ms(lambda: np.dot(a, b, out=out), repeats=repeats)
+    return dict(n=n, ms=ms, gflops=2 * n**3 / ms / 1e6)
+
+
+def add_sgemm_share(row, ceiling_gflops):
+    """Beside every ``<x>gflops`` entry of ``row``, add ``<x>pct_sgemm``: its percentage of
+    ``ceiling_gflops`` (None where the rate or the ceiling is None). Returns row."""
+    for key in [k for k in row if k.endswith("gflops")]:
+        rate = row[key]
+        row[key[: -len("gflops")] + "pct_sgemm"] = (100 * rate / ceiling_gflops
+                                                    if rate is not None and ceiling_gflops else None)
+    return row
+
+
+def blas_setting():
+    """Which OpenBLAS kernels this process runs: ``OPENBLAS_CORETYPE`` as set in the environment
+    ("unset" when it is not: OpenBLAS then picks by the CPU) and the kernel family NumPy's
+    bundled OpenBLAS reports (``openblas_get_corename``; None for a NumPy built on another BLAS).
+    The same CPU can run its 'Haswell' (AVX2) or 'SkylakeX' (AVX-512) kernels, at different speeds."""
+    corename = None
+    libdir = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+            if hasattr(lib, name):
+                fn = getattr(lib, name)
+                fn.restype = ctypes.c_char_p
+                corename = fn().decode()
+                break
+        if corename:
+            break
+    return dict(OPENBLAS_CORETYPE=os.environ.get("OPENBLAS_CORETYPE") or "unset", openblas_corename=corename)
+
+
 def unet_ops(base=16, depth=4, batch=8, size=256, in_channels=1):
     """The distinct ops of one U-Net training step: a list of (case, dims, count).
 
@@ -98,6 +158,23 @@ def unet_ops(base=16, depth=4, batch=8, size=256, in_channels=1):
     add(SIGMOID_BCE, n=batch, h=size, w=size)
     add(ADAM, size=n_params)
     return [(case, dict(dims), count) for (case, dims), count in ops.items()]
+
+
+def forward_flops(base=16, depth=4, batch=8, size=256, in_channels=1):
+    """FLOPs of one forward pass of the U-Net on a batch: its convolutions (3x3 and the 1x1 head)
+    and 2x2 up-convolutions, a multiply-add counted as 2 (FLOPs = 2 x MACs): a k x k conv
+    2 N H W Cin Cout k**2, an up-conv 2 N (2H)(2W) Cin Cout. Pooling, ReLU, the skip concat and
+    the loss are left out (a few operations per value, against hundreds per conv output)."""
+    return sum(count * case.flops(**dims)[0] for case, dims, count in unet_ops(base, depth, batch, size, in_channels)
+               if case.flops)
+
+
+def step_flops(base=16, depth=4, batch=8, size=256, in_channels=1):
+    """FLOPs of one training step, by the usual convention 3x the forward's (``forward_flops``):
+    the backward of a conv computes dW and dX, each a product the size of the forward's. (The
+    first conv needs no dX, so the step really does a little less; the convention keeps the
+    figure comparable with other benchmarks.)"""
+    return 3 * forward_flops(base, depth, batch, size, in_channels)
 
 
 def _label(case, d):
@@ -154,18 +231,28 @@ def op_table(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, pr
     return rows
 
 
-def format_op_table(rows):
-    """The op table as text: op | count | fwd ms | GF/s | bwd ms | GF/s | rel err | ok, and the step's sum."""
-    def f(v, spec):
-        return format(v, spec) if v is not None else "-"
+def or_dash(v, spec):
+    """format(v, spec), or '-' for a missing value (None)."""
+    return format(v, spec) if v is not None else "-"
 
-    lines = [f"{'op':<36} {'x':>2} {'fwd ms':>8} {'GF/s':>6} {'bwd ms':>8} {'GF/s':>6} {'rel err':>8}  ok"]
+
+def format_op_table(rows):
+    """The op table as text: op | count | fwd ms | GF/s | bwd ms | GF/s | rel err | ok, and the step's sum.
+    Rows that carry the sgemm share (``add_sgemm_share``) get a '%sg' column after each GF/s."""
+    share = any("fwd_pct_sgemm" in r for r in rows)
+
+    def pct(r, key):
+        return f" {or_dash(r.get(key), '4.0f'):>4}" if share else ""
+
+    sg = f" {'%sg':>4}" if share else ""
+    lines = [f"{'op':<36} {'x':>2} {'fwd ms':>8} {'GF/s':>6}{sg} {'bwd ms':>8} {'GF/s':>6}{sg} {'rel err':>8}  ok"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['op']:<36} {r['count']:>2} NOT OK  {r['error']}")
             continue
-        lines.append(f"{r['op']:<36} {r['count']:>2} {r['fwd_ms']:>8.2f} {f(r['fwd_gflops'], '6.1f'):>6} "
-                     f"{f(r['bwd_ms'], '8.2f'):>8} {f(r['bwd_gflops'], '6.1f'):>6} {r['max_rel_err']:>8.1e}  "
+        lines.append(f"{r['op']:<36} {r['count']:>2} {r['fwd_ms']:>8.2f} {or_dash(r['fwd_gflops'], '6.1f'):>6}"
+                     f"{pct(r, 'fwd_pct_sgemm')} {or_dash(r['bwd_ms'], '8.2f'):>8} "
+                     f"{or_dash(r['bwd_gflops'], '6.1f'):>6}{pct(r, 'bwd_pct_sgemm')} {r['max_rel_err']:>8.1e}  "
                      f"{'OK' if r['ok'] else 'NOT OK'}")
     lines.append(f"{'sum over the step (count x (fwd + bwd))':<47} {step_sum_ms(rows):>10.1f} ms")
     return "\n".join(lines)
@@ -202,10 +289,22 @@ def minunet_stepper(model, x, y, lr=1e-3):
     return step
 
 
-def _peak_rss_mb():
+def minunet_forward(model, x):
+    """forward() -> logits: the inference forward of ``model`` on x (moved to the backend once),
+    ``train=False``: no layer keeps a cache for a backward pass."""
+    xb = model.backend.asarray(x)
+    return lambda: model.forward(xb, train=False)
+
+
+def peak_rss_mb():
     """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 if os.uname().sysname == "Linux" else rss / 2**20
+
+
+def cpu_threads():
+    """The thread count both sides get: ``NUMBA_NUM_THREADS`` when set, else one per core."""
+    return int(os.environ.get("NUMBA_NUM_THREADS", 0)) or os.cpu_count() or 1
 
 
 def _torch_cpu_stepper(base, depth, x, y, threads):
@@ -225,7 +324,8 @@ def _torch_cpu_stepper(base, depth, x, y, threads):
 def train_step(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, torch_compare=True, progress=None):
     """Time the full training step (forward, sigmoid+BCE, backward, Adam), float32.
 
-    Returns a dict: step_ms (median), images_per_s, peak_rss_mb (ru_maxrss of
+    Returns a dict: step_ms (median), images_per_s, step_gflop (``step_flops``) and
+    gflops (its rate), peak_rss_mb (ru_maxrss of
     this process after the minunet steps, before any PyTorch work: an upper
     bound on the step's memory, counting Python, Numba and the libraries too),
     and with PyTorch importable torch_step_ms, torch_version, ratio
@@ -233,7 +333,7 @@ def train_step(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, 
     change in machine load hits both alike."""
     be = get_backend(backend, "float32") if isinstance(backend, str) else backend
     sync = be.synchronize  # nothing on a CPU backend
-    rss0 = _peak_rss_mb()
+    rss0 = peak_rss_mb()
     t_start = time.perf_counter()
     x, y = random_batch(batch, size)
     step = minunet_stepper(UNet(1, base, depth, backend=be, dtype="float32", seed=0), x, y)
@@ -244,10 +344,12 @@ def train_step(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, 
         sync()
     first_step_s = time.perf_counter() - t_start
     step_ms, _ = median_ms(step, sync, repeats, warmup=0)  # the first step above was the warm-up
+    flops = step_flops(base, depth, batch, size)
     out = dict(backend=be.name, batch=batch, size=size, base=base, depth=depth, repeats=repeats,
-               step_ms=step_ms, images_per_s=batch / (step_ms / 1e3), peak_rss_mb=_peak_rss_mb(),
-               rss_before_mb=rss0, first_step_s=first_step_s)
-    threads = int(os.environ.get("NUMBA_NUM_THREADS", 0)) or os.cpu_count() or 1
+               step_ms=step_ms, images_per_s=batch / (step_ms / 1e3), step_gflop=flops / 1e9,
+               gflops=flops / step_ms / 1e6, peak_rss_mb=peak_rss_mb(), rss_before_mb=rss0,
+               first_step_s=first_step_s)
+    threads = cpu_threads()
     made = _torch_cpu_stepper(base, depth, x, y, threads) if torch_compare else None
     if made is not None:
         tstep, version = made

@@ -4,7 +4,8 @@ PyTorch is never a dependency of minunet: this module imports torch inside its
 functions and is only used by ``minunet bench`` (when torch is importable) and
 ``benchmarks/gpu_bench.py``. The twin has exactly the same layers,
 ``copy_weights`` gives it minunet's weights, parameter by parameter, and
-``torch_stepper`` is the PyTorch side of ``bench.minunet_stepper``.
+``torch_stepper`` and ``torch_forward`` are the PyTorch sides of ``bench.minunet_stepper`` and
+``bench.minunet_forward``.
 """
 
 from __future__ import annotations
@@ -95,3 +96,23 @@ def torch_stepper(tmodel, x, y, lr=1e-3, channels_last=False):
         return loss
 
     return step
+
+
+def torch_forward(tmodel, x, channels_last=False):
+    """forward() -> logits: PyTorch's inference forward of ``tmodel`` on x (numpy, moved once to the
+    model's device), under ``torch.inference_mode()``: no autograd graph is recorded, so nothing is
+    kept for a backward pass (the counterpart of minunet's ``forward(x, train=False)``)."""
+    import torch
+
+    device = next(tmodel.parameters()).device
+    xt = torch.as_tensor(x, device=device)
+    if channels_last:
+        tmodel = tmodel.to(memory_format=torch.channels_last)
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    tmodel.eval()
+
+    def forward():
+        with torch.inference_mode():
+            return tmodel(xt)
+
+    return forward
