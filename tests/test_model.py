@@ -192,3 +192,14 @@ def test_cache_bytes_counts_each_buffer_once():
     assert got == {"conv3x3.x": x, "conv3x3.y": y, "maxpool2x2.argmax": argmax, "total": x + y + argmax}
     m.forward(np.zeros((N, 1, H, W)), train=False)
     assert cache_bytes(m) == {"total": 0}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_backward_frees_every_cache_and_needs_a_new_forward(backend):
+    m = UNet(1, 4, 2, backend=backend, dtype="float64", seed=0)
+    x = np.random.default_rng(0).random((2, 1, 16, 16))
+    m.backward(bce_with_logits(m.forward(x), (x > 0.5).astype(np.float64))[1])
+    assert all(layer.cache is None for layer in [layer for _, layer in m.named_layers()] + m.pools)
+    assert cache_bytes(m) == {"total": 0}
+    with pytest.raises(RuntimeError, match="training forward first"):
+        m.backward(np.ones((2, 1, 16, 16)))
