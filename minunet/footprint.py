@@ -106,3 +106,47 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {prefix}{unit}"
     return f"{n:.0f} {unit}".rstrip()
+
+
+def _root(a):
+    """The array that owns a's memory (a itself, or the end of its chain of ``.base`` views)."""
+    while getattr(a, "base", None) is not None and hasattr(a.base, "nbytes"):
+        a = a.base
+    return a
+
+
+def cache_bytes(model) -> dict[str, int]:
+    """Bytes the layers' caches hold for the backward, by op kind, after a training forward of ``model``.
+
+    Walks every layer's cache in forward order (``enc{i}`` convs and pool ``i``, the bottleneck, then per
+    decoder level the up-conv and the convs, the head). Each buffer counts once, for the first op that
+    holds it (a view counts as the whole array it views: the buffer the view keeps alive), so a conv
+    whose input is the previous conv's output adds nothing for its input. The parameters are not
+    counted (they live as long as the model). Keys: op kind and cache field, e.g. ``conv3x3.x`` (the
+    inputs of the 3x3 convs not already held), ``conv3x3.y``, ``maxpool2x2.argmax``; ``total`` is their
+    sum."""
+    params = {id(_root(p)) for p in model.params.values()}
+    layers = []
+    for i, block in enumerate(model.enc):
+        layers += [layer for _, layer in block.named_layers()] + [model.pools[i]]
+    layers += [layer for _, layer in model.bottleneck.named_layers()]
+    for i in reversed(range(model.depth)):
+        layers += [model.ups[i]] + [layer for _, layer in model.dec[i].named_layers()]
+    layers.append(model.head)
+    seen, out = set(params), {}
+    for layer in layers:
+        if layer.cache is None:
+            continue
+        if hasattr(layer, "relu"):
+            k = layer.params["weight"].shape[-1]
+            kind = f"conv{k}x{k}"
+        else:
+            kind = "upconv2x2" if layer.params else "maxpool2x2"
+        for field, value in zip(layer.cache._fields, layer.cache, strict=True):
+            root = _root(value)
+            if not hasattr(root, "nbytes") or id(root) in seen:
+                continue
+            seen.add(id(root))
+            out[f"{kind}.{field}"] = out.get(f"{kind}.{field}", 0) + int(root.nbytes)
+    out["total"] = sum(out.values())
+    return out

@@ -1,16 +1,28 @@
 """Layers: thin objects that own parameters and call the backend's ops.
 
-Each layer keeps the cache of its last forward and adds its parameter
-gradients into ``grads`` (zeroed by ``UNet.zero_grad``), so the model can run
-forward, then backward, with no bookkeeping of its own. ``forward(x,
-train=False)`` is inference: the cache is dropped as soon as the op returns
-(and the last training forward's with it), so activations are freed as the
-pass goes on.
+Each layer keeps the cache of its last training forward and adds its
+parameter gradients into ``grads`` (zeroed by ``UNet.zero_grad``), so the
+model can run forward, then backward, with no bookkeeping of its own. The
+backward consumes the cache: a layer drops it once its gradients are out, so
+the activations held for the backward are freed as the backward pass goes on
+(and none are held between steps); a second backward needs a new forward.
+``forward(x, train=False)`` is inference: the cache is dropped as soon as the
+op returns (and the last training forward's with it), so activations are
+freed as the pass goes on.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def take_cache(layer):
+    """The layer's cache, handed to its backward and dropped from the layer (the backward consumes it)."""
+    cache, layer.cache = layer.cache, None
+    if cache is None:
+        raise RuntimeError(f"{type(layer).__name__}.backward needs a training forward first "
+                           "(forward with train=True); each forward's cache serves one backward")
+    return cache
 
 
 class Conv2d:
@@ -36,7 +48,7 @@ class Conv2d:
         return y
 
     def backward(self, dy, need_dx=True):
-        dx, dw, db = self.backend.conv2d_backward(dy, self.cache, need_dx=need_dx)
+        dx, dw, db = self.backend.conv2d_backward(dy, take_cache(self), need_dx=need_dx)
         self.grads["weight"] += dw
         self.grads["bias"] += db
         return dx
@@ -58,7 +70,7 @@ class MaxPool2d:
         return y
 
     def backward(self, dy):
-        return self.backend.maxpool2x2_backward(dy, self.cache)
+        return self.backend.maxpool2x2_backward(dy, take_cache(self))
 
 
 class UpConv2d:
@@ -85,7 +97,7 @@ class UpConv2d:
         return y
 
     def backward(self, dy):
-        dx, dw, db = self.backend.upconv2x2_backward(dy, self.cache)
+        dx, dw, db = self.backend.upconv2x2_backward(dy, take_cache(self))
         self.grads["weight"] += dw
         self.grads["bias"] += db
         return dx

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from minunet import UNet
+from minunet.footprint import cache_bytes
 from minunet.gradcheck import check_network, format_table, randomize_biases
 from minunet.losses import bce_with_logits
 from minunet.optim import Adam
@@ -171,3 +172,34 @@ def test_inference_frees_activations_as_it_goes():
     assert kept_train > 50 * x.nbytes  # every layer's input and output, for the backward pass
     assert kept_infer < 0.01 * kept_train and kept_after < 0.01 * kept_train
     assert peak_infer < 0.7 * peak_train, (peak_infer, peak_train)
+
+
+def test_cache_bytes_counts_each_buffer_once():
+    """After a training forward, cache_bytes holds each activation once, for the first op that keeps
+    it: the input and the pooled maps (conv inputs), every 3x3 conv's ReLU output, the argmaxes and
+    the decoder's concatenations; the parameters and the inputs shared with an earlier output add
+    nothing."""
+    N, H, W, C, D, f = 2, 16, 24, 4, 2, 8  # float64
+    m = UNet(1, C, D, backend="numpy", dtype="float64", seed=0)
+    m.forward(np.zeros((N, 1, H, W)))
+    widths = [C * 2**i for i in range(D + 1)]
+    px = [N * (H >> i) * (W >> i) for i in range(D + 1)]  # pixels per level
+    x = px[0] * f + sum(widths[i] * px[i + 1] * f for i in range(D))  # input, pooled maps
+    x += sum(2 * widths[i] * px[i] * f for i in range(D))  # the concatenations
+    y = sum(2 * widths[i] * px[i] * f for i in range(D)) * 2 + 2 * widths[D] * px[D] * f
+    argmax = sum(widths[i] * px[i + 1] for i in range(D))
+    got = cache_bytes(m)
+    assert got == {"conv3x3.x": x, "conv3x3.y": y, "maxpool2x2.argmax": argmax, "total": x + y + argmax}
+    m.forward(np.zeros((N, 1, H, W)), train=False)
+    assert cache_bytes(m) == {"total": 0}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_backward_frees_every_cache_and_needs_a_new_forward(backend):
+    m = UNet(1, 4, 2, backend=backend, dtype="float64", seed=0)
+    x = np.random.default_rng(0).random((2, 1, 16, 16))
+    m.backward(bce_with_logits(m.forward(x), (x > 0.5).astype(np.float64))[1])
+    assert all(layer.cache is None for layer in [layer for _, layer in m.named_layers()] + m.pools)
+    assert cache_bytes(m) == {"total": 0}
+    with pytest.raises(RuntimeError, match="training forward first"):
+        m.backward(np.ones((2, 1, 16, 16)))

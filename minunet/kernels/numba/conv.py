@@ -251,7 +251,7 @@ def _conv_grads(x, dy2d, y2d, k, dz2d):
             _im2col(x, r0, r1, k, col)
         return col.T @ dz2d[lo:hi], db
 
-    return threads.sum_in_chunk_order(threads.run(chunk, threads.ranges(N * H, per)))
+    return threads.run_sum(chunk, threads.ranges(N * H, per))
 
 
 # -- the ops -------------------------------------------------------------------------

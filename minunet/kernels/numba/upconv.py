@@ -112,7 +112,7 @@ def upconv2x2_backward(dy, cache):
         colsum(dz, db)
         return x2d[lo:hi].T @ dz, db
 
-    dwm, db4 = threads.sum_in_chunk_order(threads.run(chunk, threads.ranges(N * H, per)))
+    dwm, db4 = threads.run_sum(chunk, threads.ranges(N * H, per))
     dw = np.ascontiguousarray(dwm.reshape(Cin, 2, 2, Cout).transpose(0, 3, 1, 2)).astype(w.dtype, copy=False)
     db = db4.reshape(4, Cout).sum(axis=0)
     return dx, dw, db.astype(w.dtype)
