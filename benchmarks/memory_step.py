@@ -31,7 +31,7 @@ from minunet.model import UNet  # noqa: E402
 from minunet.optim import Adam  # noqa: E402
 
 OPS = ("conv2d_forward", "conv2d_backward", "maxpool2x2_forward", "maxpool2x2_backward", "upconv2x2_forward",
-       "upconv2x2_backward", "concat_channels", "split_channels", "sigmoid_bce")
+       "upconv2x2_backward", "sigmoid_bce")
 MiB = 2**20
 
 

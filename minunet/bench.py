@@ -38,7 +38,7 @@ import numpy as np
 from minunet.kernels import get_backend
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
-from minunet.opcases import ADAM, CONCAT, MAXPOOL, SIGMOID_BCE, UPCONV, conv2d, rel_err
+from minunet.opcases import ADAM, MAXPOOL, SIGMOID_BCE, UPCONV, conv2d, rel_err
 from minunet.optim import Adam
 
 FLOAT32_RTOL = 1e-4
@@ -148,10 +148,9 @@ def unet_ops(base=16, depth=4, batch=8, size=256, in_channels=1):
     conv(widths[depth - 1], widths[depth], h)
     conv(widths[depth], widths[depth], h)
     for i in reversed(range(depth)):
-        add(UPCONV, n=batch, cin=widths[i + 1], cout=widths[i], h=h, w=h)
+        add(UPCONV, n=batch, cin=widths[i + 1], cout=widths[i], cs=widths[i], h=h, w=h)
         n_params += widths[i + 1] * widths[i] * 4 + widths[i]
         h *= 2
-        add(CONCAT, n=batch, ca=widths[i], cb=widths[i], h=h, w=h)
         conv(2 * widths[i], widths[i], h)
         conv(widths[i], widths[i], h)
     conv(base, 1, size, k=1, relu=False)
@@ -163,7 +162,7 @@ def unet_ops(base=16, depth=4, batch=8, size=256, in_channels=1):
 def forward_flops(base=16, depth=4, batch=8, size=256, in_channels=1):
     """FLOPs of one forward pass of the U-Net on a batch: its convolutions (3x3 and the 1x1 head)
     and 2x2 up-convolutions, a multiply-add counted as 2 (FLOPs = 2 x MACs): a k x k conv
-    2 N H W Cin Cout k**2, an up-conv 2 N (2H)(2W) Cin Cout. Pooling, ReLU, the skip concat and
+    2 N H W Cin Cout k**2, an up-conv 2 N (2H)(2W) Cin Cout. Pooling, ReLU, the skip's copy and
     the loss are left out (a few operations per value, against hundreds per conv output)."""
     return sum(count * case.flops(**dims)[0] for case, dims, count in unet_ops(base, depth, batch, size, in_channels)
                if case.flops)
@@ -178,11 +177,10 @@ def step_flops(base=16, depth=4, batch=8, size=256, in_channels=1):
 
 
 def _label(case, d):
-    """conv2d 3x3 +relu 16->32 @128, upconv2x2 32->16 @64->128, adam 1,940,817 params, ..."""
+    """conv2d 3x3 +relu 16->32 @128, upconv2x2 +skip 32->16 @64->128, adam 1,940,817 params, ..."""
     if "size" in d:
         return f"{case.name} {d['size']:,} params"
-    chans = (f" {d['cin']}->{d['cout']}" if "cin" in d else f" {d['ca']}+{d['cb']}" if "ca" in d
-             else f" {d['c']}" if "c" in d else "")
+    chans = f" {d['cin']}->{d['cout']}" if "cin" in d else f" {d['c']}" if "c" in d else ""
     return f"{case.name}{chans} @{d['h']}" + (f"->{2 * d['h']}" if case is UPCONV else "")
 
 

@@ -8,7 +8,7 @@ name (``enc0.conv1.weight``...), in the layouts ONNX shares with PyTorch:
                  MaxPool 2x2 stride 2
     bottleneck:  Conv -> Relu -> Conv -> Relu
     dec{i}:      ConvTranspose 2x2 stride 2 (W: Cin, Cout, 2, 2)    (i = D-1 .. 0)
-                 Concat([skip{i}, up], axis 1): the skip first, as ``backend.concat_channels``
+                 Concat([skip{i}, up], axis 1): the skip first, as ``backend.upconv2x2_forward`` writes them
                  Conv -> Relu -> Conv -> Relu
     head:        Conv 1x1 -> logits (N, 1, H, W); Sigmoid -> probability with ``sigmoid``
 

@@ -51,8 +51,8 @@ def layer_rows(in_channels: int, base_channels: int, depth: int, size: int) -> l
     c = widths[D]
     for i in reversed(range(D)):
         h *= 2
-        add(f"dec{i}.up 2x2 s2", widths[i], h, c * widths[i] * 4 + widths[i], 2 * c * widths[i] * h * h)
-        add(f"dec{i}.concat skip", 2 * widths[i], h, 0, 0)
+        # the up-conv writes after a copy of the skip, in one buffer: its output is the concatenation
+        add(f"dec{i}.up 2x2 s2 +skip", 2 * widths[i], h, c * widths[i] * 4 + widths[i], 2 * c * widths[i] * h * h)
         conv(f"dec{i}.conv1 3x3+relu", 2 * widths[i], widths[i], h)
         conv(f"dec{i}.conv2 3x3+relu", widths[i], widths[i], h)
         c = widths[i]

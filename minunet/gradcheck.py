@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minunet.opcases import CONCAT, MAXPOOL, RELU, SIGMOID_BCE, UPCONV, conv2d, rel_err
+from minunet.opcases import MAXPOOL, RELU, SIGMOID_BCE, UPCONV, conv2d, rel_err
 
 
 @dataclass
@@ -65,8 +65,7 @@ OP_CHECKS = [
     (conv2d(1), dict(n=2, cin=3, cout=4, h=5, w=6)),
     (RELU, dict(n=2, c=3, h=4, w=5)),
     (MAXPOOL, dict(n=2, c=3, h=4, w=6)),
-    (UPCONV, dict(n=2, cin=3, cout=2, h=3, w=4)),
-    (CONCAT, dict(n=2, ca=2, cb=3, h=3, w=4)),
+    (UPCONV, dict(n=2, cin=3, cout=2, cs=3, h=3, w=4)),
     (SIGMOID_BCE, dict(n=2, h=3, w=5)),
 ]
 

@@ -74,7 +74,8 @@ class MaxPool2d:
 
 
 class UpConv2d:
-    """2x2 transposed convolution, stride 2 (doubles H and W).
+    """2x2 transposed convolution, stride 2 (doubles H and W), written after the skip connection:
+    the output is [skip | up-conv(x)] along channels, the decoder's concatenation.
 
     weight (Cin, Cout, 2, 2), bias (Cout,): PyTorch's ConvTranspose2d layout.
     He initialisation: each output pixel sums Cin inputs, one tap each, so
@@ -91,16 +92,17 @@ class UpConv2d:
         self.grads = {n: backend.xp.zeros_like(p) for n, p in self.params.items()}
         self.cache = None
 
-    def forward(self, x, train=True):
-        y, cache = self.backend.upconv2x2_forward(x, self.params["weight"], self.params["bias"])
+    def forward(self, x, skip, train=True):
+        y, cache = self.backend.upconv2x2_forward(x, self.params["weight"], self.params["bias"], skip)
         self.cache = cache if train else None
         return y
 
     def backward(self, dy):
-        dx, dw, db = self.backend.upconv2x2_backward(dy, take_cache(self))
+        """dy of [skip | up-conv] -> (dx, dskip); dskip may be a view of dy."""
+        dx, dw, db, dskip = self.backend.upconv2x2_backward(dy, take_cache(self))
         self.grads["weight"] += dw
         self.grads["bias"] += db
-        return dx
+        return dx, dskip
 
 
 class DoubleConv:

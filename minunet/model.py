@@ -14,6 +14,9 @@
     dec0: up (x2) C*2 -> C, concat(skip0, up) -> 2C, DoubleConv 2C -> C
     head: 1x1 conv C -> 1: one logit per pixel (N,1,H,W)
 
+The up-conv and the concatenation are one op (``UpConv2d``): the up-conv writes its output after a
+copy of the skip, in one buffer, and its backward hands back the skip's part of the gradient.
+
 Parameters are named ``enc{i}.conv{1,2}.{weight,bias}``, ``bottleneck.conv{1,2}.*``,
 ``dec{i}.up.*`` and ``dec{i}.conv{1,2}.*`` (deepest first), ``head.*``, in forward order.
 """
@@ -135,7 +138,7 @@ class UNet:
         del s  # the last encoder output now lives in skips alone, and leaves with it
         a = self.bottleneck.forward(a, train)
         for i in reversed(range(self.depth)):  # skips.pop(): the deepest level's skip first
-            a = self.dec[i].forward(be.concat_channels(skips.pop(), self.ups[i].forward(a, train)), train)
+            a = self.dec[i].forward(self.ups[i].forward(a, skips.pop(), train), train)  # [skip | up(a)]
         return be.to_nchw(self.head.forward(a, train))
 
     def backward(self, dlogits):
@@ -147,9 +150,7 @@ class UNet:
         d = self.head.backward(be.from_nchw(dlogits))
         dskips = [None] * self.depth
         for i in range(self.depth):  # dec0 is the last decoder level in forward order
-            d = self.dec[i].backward(d)
-            dskips[i], dup = be.split_channels(d, self.widths[i])
-            d = self.ups[i].backward(dup)
+            d, dskips[i] = self.ups[i].backward(self.dec[i].backward(d))
         d = self.bottleneck.backward(d)
         for i in reversed(range(self.depth)):
             d = self.pools[i].backward(d)

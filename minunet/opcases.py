@@ -165,35 +165,20 @@ MAXPOOL = OpCase(
 )
 
 
-def _make_upconv(rng, dtype, n, cin, cout, h, w):
-    """dims: the input's n, cin, h, w and the output's cout (the output is 2h x 2w)."""
+def _make_upconv(rng, dtype, n, cin, cout, cs, h, w):
+    """dims: the input's n, cin, h, w, the output's cout (the output is 2h x 2w) and the skip's cs channels."""
     inputs = dict(x=_normal(rng, dtype, n, cin, h, w), w=_normal(rng, dtype, cin, cout, 2, 2),
-                  b=_normal(rng, dtype, cout))
-    return inputs, dict(y=_normal(rng, dtype, n, cout, 2 * h, 2 * w))
+                  b=_normal(rng, dtype, cout), skip=_normal(rng, dtype, n, cs, 2 * h, 2 * w))
+    return inputs, dict(y=_normal(rng, dtype, n, cs + cout, 2 * h, 2 * w))
 
 
-UPCONV = OpCase(
-    "upconv2x2",
+UPCONV = OpCase(  # the decoder's up-conv, written after the skip: y = [skip | up-conv(x)]
+    "upconv2x2 +skip",
     _make_upconv,
-    lambda be, i: _out(be.upconv2x2_forward(i["x"], i["w"], i["b"])),
-    lambda be, c, up: dict(zip("xwb", be.upconv2x2_backward(up["y"], c), strict=True)),
-    _ACT,
-    lambda n, cin, cout, h, w: (8 * n * h * w * cin * cout, 16 * n * h * w * cin * cout),
-)
-
-
-def _make_concat(rng, dtype, n, ca, cb, h, w):
-    """dims n, ca, cb, h, w; the split point ca rides along as an input."""
-    inputs = dict(a=_normal(rng, dtype, n, ca, h, w), b=_normal(rng, dtype, n, cb, h, w), ca=ca)
-    return inputs, dict(y=_normal(rng, dtype, n, ca + cb, h, w))
-
-
-CONCAT = OpCase(  # forward: the skip connection's concat; backward: its adjoint, the split
-    "concat/split",
-    _make_concat,
-    lambda be, i: ({"y": be.concat_channels(i["a"], i["b"])}, i["ca"]),
-    lambda be, ca, up: dict(zip("ab", be.split_channels(up["y"], ca), strict=True)),
-    frozenset({"a", "b", "y"}),
+    lambda be, i: _out(be.upconv2x2_forward(i["x"], i["w"], i["b"], i["skip"])),
+    lambda be, c, up: dict(zip(("x", "w", "b", "skip"), be.upconv2x2_backward(up["y"], c), strict=True)),
+    frozenset({"x", "skip", "y"}),
+    lambda n, cin, cout, cs, h, w: (8 * n * h * w * cin * cout, 16 * n * h * w * cin * cout),
 )
 
 

@@ -19,7 +19,7 @@ from minunet.kernels import get_backend
 from minunet.kernels.cupy import cuda_status
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
-from minunet.opcases import ADAM, CONCAT, MAXPOOL, RELU, SIGMOID, SIGMOID_BCE, UPCONV, conv2d, rel_err
+from minunet.opcases import ADAM, MAXPOOL, RELU, SIGMOID, SIGMOID_BCE, UPCONV, conv2d, rel_err
 
 BACKENDS = [
     "numba",
@@ -189,26 +189,19 @@ def test_maxpool_all_equal_routes_to_first(name, dtype):
     np.testing.assert_array_equal(dx[:, :, ::2, ::2], dy)  # top-left of every window
 
 
-# -- up-conv -------------------------------------------------------------------
+# -- up-conv, written after the skip ------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
-def test_upconv2x2(name, dtype, shape, seed):
+@given(shape=shapes, cs=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
+def test_upconv2x2_with_skip(name, dtype, shape, cs, seed):
+    """y = [skip | up-conv(x)] and its backward; the skip's copy and its gradient are exact."""
     N, Cin, Cout, H, W = shape
-    check_case(name, dtype, UPCONV, dict(n=N, cin=Cin, cout=Cout, h=H // 2, w=W // 2), seed)
-
-
-# -- skip connection -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@SETTINGS
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
-def test_concat_split(name, dtype, shape, seed):
-    N, Ca, Cb, H, W = shape
-    check_case(name, dtype, CONCAT, dict(n=N, ca=Ca, cb=Cb, h=H, w=W), seed, exact=True)
+    (out, grads), inputs, upstream = check_case(
+        name, dtype, UPCONV, dict(n=N, cin=Cin, cout=Cout, cs=cs, h=H // 2, w=W // 2), seed)
+    np.testing.assert_array_equal(out["y"][:, :cs], inputs["skip"])
+    np.testing.assert_array_equal(grads["skip"], upstream["y"][:, :cs])
 
 
 # -- output and loss ---------------------------------------------------------------
@@ -417,29 +410,22 @@ def test_upconv2x2_nonfinite(name, dtype):
     x, w, b = rand(rng, (2, 3, 3, 4), dtype), rand(rng, (3, 5, 2, 2), dtype), rand(rng, 5, dtype)
     x = _nonfinite(x, np.nan, np.inf)
     w[2, 1, 1, 0], b[3] = np.nan, np.inf
-    y_ref, c_ref = ref.upconv2x2_forward(x, w, b)
-    y, c = be.upconv2x2_forward(act_in(be, x), be.asarray(w), be.asarray(b))
-    assert_nonfinite_close(act_out(be, y), y_ref, dtype, "y")
-    dy = _nonfinite(rand(rng, y_ref.shape, dtype), np.nan)
-    dx_ref, dw_ref, db_ref = ref.upconv2x2_backward(dy, c_ref)
-    dx, dw, db = be.upconv2x2_backward(act_in(be, dy), c)
+    skip = _nonfinite(rand(rng, (2, 2, 6, 8), dtype), np.nan, np.inf, -np.inf)
+    y_ref, c_ref = ref.upconv2x2_forward(x, w, b, skip)
+    y, c = be.upconv2x2_forward(act_in(be, x), be.asarray(w), be.asarray(b), act_in(be, skip))
+    y = act_out(be, y)
+    np.testing.assert_array_equal(y[:, :2], skip)  # the skip's copy: NaN and infinities where they were
+    assert_nonfinite_close(y, y_ref, dtype, "y")
+    dy = _nonfinite(rand(rng, y_ref.shape, dtype), np.nan, np.inf, -np.inf)  # in the skip's channel 0
+    dy[0, 2, 0, 0] = np.nan  # and in the up-conv's channel 0
+    dx_ref, dw_ref, db_ref, dskip_ref = ref.upconv2x2_backward(dy, c_ref)
+    dx, dw, db, dskip = be.upconv2x2_backward(act_in(be, dy), c)
     assert_nonfinite_close(act_out(be, dx), dx_ref, dtype, "dx")
     assert_nonfinite_close(host(be, dw), dw_ref, dtype, "dw")
     assert_nonfinite_close(host(be, db), db_ref, dtype, "db")
+    np.testing.assert_array_equal(act_out(be, dskip), dy[:, :2])
+    np.testing.assert_array_equal(dskip_ref, dy[:, :2])
     assert np.isnan(dx_ref[:, 2]).all() and np.isnan(db_ref[0])
-
-
-@IGNORE_INVALID
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_concat_split_nonfinite(name, dtype):
-    be, ref = backend(name, dtype), NumpyBackend(dtype)
-    a = _nonfinite(np.ones((1, 2, 2, 2), dtype), np.nan, np.inf, -np.inf)
-    b = _nonfinite(np.zeros((1, 3, 2, 2), dtype), -np.inf, np.nan)
-    cat = act_out(be, be.concat_channels(act_in(be, a), act_in(be, b)))
-    np.testing.assert_array_equal(cat, ref.concat_channels(a, b))  # NaN positions equal too
-    da, db = be.split_channels(act_in(be, cat), 2)
-    np.testing.assert_array_equal(act_out(be, da), a)
-    np.testing.assert_array_equal(act_out(be, db), b)
 
 
 @IGNORE_INVALID

@@ -122,7 +122,7 @@ def test_every_kernel_is_defined_once_under_its_name():
     # Each CudaKernel's source defines exactly the function it is launched by, and the whole
     # source (both dtypes) defines each kernel once and nothing else.
     names = [k.name for k in kernels()]
-    assert len(names) == len(set(names)) == 14
+    assert len(names) == len(set(names)) == 12
     for k in kernels():
         assert k.source.count('extern "C" __global__') == 1
         assert f'extern "C" __global__ void {k.name}(' in k.source
@@ -190,33 +190,25 @@ def test_maxpool(be, ref, ties):
         be.maxpool2x2_forward(be.from_nchw(np.zeros((1, 1, 3, 4), be.dtype)))
 
 
-def test_upconv(be, ref):
+def test_upconv_with_skip(be, ref):
     rng = np.random.default_rng(4)
-    N, Cin, Cout, H, W = 2, 3, 4, 3, 5
+    N, Cin, Cout, Cs, H, W = 2, 3, 4, 3, 3, 5
     dt = be.dtype
     x = rng.standard_normal((N, Cin, H, W)).astype(dt)
     w = rng.standard_normal((Cin, Cout, 2, 2)).astype(dt)
     b = rng.standard_normal(Cout).astype(dt)
-    dy = rng.standard_normal((N, Cout, 2 * H, 2 * W)).astype(dt)
-    y, c = be.upconv2x2_forward(be.from_nchw(x), w, b)
-    dx, dw, db = be.upconv2x2_backward(be.from_nchw(dy), c)
-    yr, cr = ref.upconv2x2_forward(x, w, b)
-    dxr, dwr, dbr = ref.upconv2x2_backward(dy, cr)
+    skip = rng.standard_normal((N, Cs, 2 * H, 2 * W)).astype(dt)
+    dy = rng.standard_normal((N, Cs + Cout, 2 * H, 2 * W)).astype(dt)
+    y, c = be.upconv2x2_forward(be.from_nchw(x), w, b, be.from_nchw(skip))
+    dx, dw, db, dskip = be.upconv2x2_backward(be.from_nchw(dy), c)
+    yr, cr = ref.upconv2x2_forward(x, w, b, skip)
+    dxr, dwr, dbr, _ = ref.upconv2x2_backward(dy, cr)
+    np.testing.assert_array_equal(_nchw(be, y)[:, :Cs], skip)  # the skip's copy is exact
     np.testing.assert_allclose(_nchw(be, y), yr, **tol(be))
     np.testing.assert_allclose(_nchw(be, dx), dxr, **tol(be))
     np.testing.assert_allclose(dw, dwr, **tol(be))
     np.testing.assert_allclose(db, dbr, **tol(be))
-
-
-def test_concat_split(be, ref):
-    rng = np.random.default_rng(5)
-    a = rng.standard_normal((2, 3, 4, 5)).astype(be.dtype)
-    b = rng.standard_normal((2, 2, 4, 5)).astype(be.dtype)
-    cat = be.concat_channels(be.from_nchw(a), be.from_nchw(b))
-    np.testing.assert_array_equal(_nchw(be, cat), ref.concat_channels(a, b))
-    da, db = be.split_channels(cat, 3)
-    np.testing.assert_array_equal(_nchw(be, da), a)
-    np.testing.assert_array_equal(_nchw(be, db), b)
+    np.testing.assert_array_equal(_nchw(be, dskip), dy[:, :Cs])
 
 
 def test_sigmoid_bce(be, ref):
@@ -320,26 +312,25 @@ def test_maxpool_nan_wins(be, ref):
 
 
 @nan_ok
-def test_upconv_concat_split_carry_nan(be, ref):
+def test_upconv_with_skip_carries_nan(be, ref):
     rng = np.random.default_rng(12)
     dt = be.dtype
     x = rng.standard_normal((2, 3, 3, 4)).astype(dt)
     x[0, 1, 2, 0] = np.nan
     w = rng.standard_normal((3, 2, 2, 2)).astype(dt)
     b = rng.standard_normal(2).astype(dt)
-    dy = rng.standard_normal((2, 2, 6, 8)).astype(dt)
-    dy[1, 0, 5, 7] = np.inf
-    y, c = be.upconv2x2_forward(be.from_nchw(x), w, b)
-    dx, dw, db = be.upconv2x2_backward(be.from_nchw(dy), c)
-    yr, cr = ref.upconv2x2_forward(x, w, b)
-    assert np.isnan(yr[0, :, 4:6, 0:2]).all()
-    for got, want in zip((_nchw(be, y), _nchw(be, dx), dw, db), (yr, *ref.upconv2x2_backward(dy, cr))):
+    skip = rng.standard_normal((2, 1, 6, 8)).astype(dt)
+    skip[1, 0, 3, 2], skip[0, 0, 0, 7] = np.nan, -np.inf
+    dy = rng.standard_normal((2, 3, 6, 8)).astype(dt)
+    dy[1, 1, 5, 7], dy[0, 0, 2, 2] = np.inf, np.nan  # in the up-conv's channels, in the skip's
+    y, c = be.upconv2x2_forward(be.from_nchw(x), w, b, be.from_nchw(skip))
+    dx, dw, db, dskip = be.upconv2x2_backward(be.from_nchw(dy), c)
+    yr, cr = ref.upconv2x2_forward(x, w, b, skip)
+    assert np.isnan(yr[0, 1:, 4:6, 0:2]).all()
+    np.testing.assert_array_equal(_nchw(be, y)[:, :1], skip)
+    for got, want in zip((_nchw(be, y), _nchw(be, dx), dw, db), (yr, *ref.upconv2x2_backward(dy, cr)[:3])):
         np.testing.assert_allclose(got, want, **tol(be))
-    cat = be.concat_channels(be.from_nchw(x), be.from_nchw(x[:, :1]))
-    np.testing.assert_array_equal(_nchw(be, cat), ref.concat_channels(x, x[:, :1]))
-    da, db_ = be.split_channels(cat, 3)
-    np.testing.assert_array_equal(_nchw(be, da), x)
-    np.testing.assert_array_equal(_nchw(be, db_), x[:, :1])
+    np.testing.assert_array_equal(_nchw(be, dskip), dy[:, :1])
 
 
 @nan_ok

@@ -22,18 +22,22 @@ def test_conv_backward_data_is_the_adjoint_of_conv(k):
 
 def test_upconv_is_the_adjoint_of_a_stride2_conv():
     # The 2x2 stride-2 conv with the same weights, conv(y)[n,c,h,w] = sum_{o,i,j} w[c,o,i,j] y[n,o,2h+i,2w+j],
-    # written independently here, must be the adjoint of up-conv: <up(x), y> == <x, conv(y)>.
+    # written independently here, must be the adjoint of up-conv: <up(x), y> == <x, conv(y)>. The op
+    # writes up(x) after the skip's Cs channels, so up(x) and its y are the channels from Cs on.
+    Cs = 3
     x = rng.standard_normal((2, 3, 4, 5))
     w = rng.standard_normal((3, 2, 2, 2))
-    y = rng.standard_normal((2, 2, 8, 10))
-    up = be.upconv2x2_forward(x, w, np.zeros(2))[0]
+    skip = rng.standard_normal((2, Cs, 8, 10))
+    y = rng.standard_normal((2, Cs + 2, 8, 10))
+    out, cache = be.upconv2x2_forward(x, w, np.zeros(2), skip)
+    up, yu = out[:, Cs:], y[:, Cs:]
     conv = np.zeros_like(x)
     for i in range(2):
         for j in range(2):
-            conv += np.einsum("co,nohw->nchw", w[:, :, i, j], y[:, :, i::2, j::2])
-    assert np.isclose(np.sum(up * y), np.sum(x * conv), rtol=1e-12)
+            conv += np.einsum("co,nohw->nchw", w[:, :, i, j], yu[:, :, i::2, j::2])
+    assert np.isclose(np.sum(up * yu), np.sum(x * conv), rtol=1e-12)
     # and backward's dx is exactly that conv
-    dx = be.upconv2x2_backward(y, be.upconv2x2_forward(x, w, np.zeros(2))[1])[0]
+    dx = be.upconv2x2_backward(y, cache)[0]
     np.testing.assert_allclose(dx, conv, rtol=1e-12, atol=1e-12)
 
 

@@ -44,10 +44,10 @@ def test_maxpool_gradients(n, c, h, w, seed):
 
 
 @small
-@given(shape=shape, cout=st.integers(2, 3), seed=st.integers(0, 99))
-def test_upconv_gradients(shape, cout, seed):
+@given(shape=shape, cout=st.integers(2, 3), cs=st.integers(1, 3), seed=st.integers(0, 99))
+def test_upconv_gradients(shape, cout, cs, seed):
     n, cin, h, w = shape
-    vjp_check(UPCONV, dict(n=n, cin=cin, cout=cout, h=h, w=w), seed)
+    vjp_check(UPCONV, dict(n=n, cin=cin, cout=cout, cs=cs, h=h, w=w), seed)
 
 
 @small
@@ -62,16 +62,19 @@ def test_relu_gradient(shape, seed):
 
 
 @small
-@given(shape=shape, split=st.integers(1, 2), seed=st.integers(0, 99))
-def test_concat_split_are_adjoint(shape, split, seed):
+@given(shape=shape, cs=st.integers(1, 2), seed=st.integers(0, 99))
+def test_upconv_concat_and_split_are_exact_and_adjoint(shape, cs, seed):
+    """The skip's channels of the up-conv's output are the skip, bit for bit; the skip's gradient is
+    dy's first channels (the split, the concatenation's adjoint): <[skip | up], d> splits exactly."""
+    n, cin, h, w = shape
     rng = np.random.default_rng(seed)
-    a = rng.standard_normal((shape[0], split) + shape[2:])
-    b = rng.standard_normal(shape)
-    d = rng.standard_normal((shape[0], split + shape[1]) + shape[2:])
-    y = be.concat_channels(a, b)
-    da, db = be.split_channels(d, split)
-    assert np.allclose(np.sum(y * d), np.sum(a * da) + np.sum(b * db), rtol=1e-12)
-    np.testing.assert_array_equal(be.concat_channels(da, db), d)
+    inputs, upstream = UPCONV.make(rng, np.float64, n=n, cin=cin, cout=2, cs=cs, h=h, w=w)
+    skip, d = inputs["skip"], upstream["y"]
+    y, cache = be.upconv2x2_forward(inputs["x"], inputs["w"], inputs["b"], skip)
+    np.testing.assert_array_equal(y[:, :cs], skip)
+    dskip = be.upconv2x2_backward(d, cache)[3]
+    np.testing.assert_array_equal(dskip, d[:, :cs])
+    assert np.isclose(np.sum(y * d), np.sum(skip * dskip) + np.sum(y[:, cs:] * d[:, cs:]), rtol=1e-12)
 
 
 @small

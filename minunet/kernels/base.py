@@ -101,23 +101,20 @@ class Backend(ABC):
     def maxpool2x2_backward(self, dy, cache):
         """dy (N,C,H/2,W/2) -> dx (N,C,H,W): each dy goes to its window's argmax."""
 
-    # -- 2x2 transposed convolution, stride 2 --------------------------------
+    # -- 2x2 transposed convolution, stride 2, and the skip connection ----------
     @abstractmethod
-    def upconv2x2_forward(self, x, w, b):
-        """x (N,Cin,H,W), w (Cin,Cout,2,2), b (Cout) -> (y (N,Cout,2H,2W), cache)."""
+    def upconv2x2_forward(self, x, w, b, skip):
+        """x (N,Cin,H,W), w (Cin,Cout,2,2), b (Cout), skip (N,Cs,2H,2W) -> (y (N,Cs+Cout,2H,2W), cache).
+
+        y[:, :Cs] = skip and y[:, Cs:] = the up-conv of x: the decoder's concatenation is
+        written in place, the up-conv's output straight into its channels of y."""
 
     @abstractmethod
     def upconv2x2_backward(self, dy, cache):
-        """dy (N,Cout,2H,2W) -> (dx (N,Cin,H,W), dw (Cin,Cout,2,2), db (Cout))."""
+        """dy (N,Cs+Cout,2H,2W) -> (dx (N,Cin,H,W), dw (Cin,Cout,2,2), db (Cout), dskip (N,Cs,2H,2W)).
 
-    # -- skip connection -------------------------------------------------------
-    @abstractmethod
-    def concat_channels(self, a, b):
-        """a (N,Ca,H,W), b (N,Cb,H,W) -> (N,Ca+Cb,H,W), a's channels first."""
-
-    @abstractmethod
-    def split_channels(self, d, ca: int):
-        """d (N,Ca+Cb,H,W) -> (d[:, :ca], d[:, ca:]): the adjoint of concat."""
+        The up-conv's gradients come from dy[:, Cs:]; dskip is dy[:, :Cs] (a view of dy
+        where the layout allows: it keeps dy alive, so treat it as read-only)."""
 
     # -- output and loss -----------------------------------------------------
     @abstractmethod

@@ -32,6 +32,7 @@ class PoolCache(NamedTuple):
 class UpConvCache(NamedTuple):
     x: np.ndarray  # (N,Cin,H,W)
     w: np.ndarray  # (Cin,Cout,2,2)
+    cs: int  # the skip's channels: the first cs channels of the output
 
 
 def _stable_sigmoid(z):
@@ -149,37 +150,42 @@ class NumpyBackend(Backend):
             N, C, H, W
         )
 
-    # -- up-conv ---------------------------------------------------------------
-    def upconv2x2_forward(self, x, w, b):
-        """y[n,o,2h+i,2w+j] = b[o] + sum_c x[n,c,h,w] * w[c,o,i,j].
+    # -- up-conv with the skip connection ---------------------------------------
+    def upconv2x2_forward(self, x, w, b, skip):
+        """y = [skip | up(x)]: the decoder's up-conv, written after the skip in one buffer.
 
+            y[n, c]                 = skip[n, c]                               c < Cs
+            y[n, Cs+o, 2h+i, 2w+j]  = b[o] + sum_c x[n,c,h,w] * w[c,o,i,j]
+
+        x (N,Cin,H,W), w (Cin,Cout,2,2), b (Cout), skip (N,Cs,2H,2W) -> y (N,Cs+Cout,2H,2W).
         Each input pixel paints its own 2x2 output block: the windows do not
-        overlap, so this is one matrix product and a reshape."""
+        overlap, so the up-conv is one matrix product and a reshape."""
         N, Cin, H, W = x.shape
-        Cout = w.shape[1]
-        y = np.einsum("nchw,coij->nohiwj", x, w, optimize=True).reshape(N, Cout, 2 * H, 2 * W)
-        y += b[None, :, None, None]
-        return y, UpConvCache(x, w)
+        Cs, Cout = skip.shape[1], w.shape[1]
+        y = np.empty((N, Cs + Cout, 2 * H, 2 * W), dtype=x.dtype)
+        y[:, :Cs] = skip
+        up = y[:, Cs:]
+        up[...] = np.einsum("nchw,coij->nohiwj", x, w, optimize=True).reshape(N, Cout, 2 * H, 2 * W)
+        up += b[None, :, None, None]
+        return y, UpConvCache(x, w, Cs)
 
     def upconv2x2_backward(self, dy, cache):
-        """dx[n,c,h,w] = sum_{o,i,j} dy[n,o,2h+i,2w+j] * w[c,o,i,j]
-        dw[c,o,i,j]  = sum_{n,h,w} x[n,c,h,w] * dy[n,o,2h+i,2w+j]
-        db[o]        = sum_{n,y,x} dy[n,o,y,x]"""
-        x, w = cache
+        """dy (N,Cs+Cout,2H,2W) -> (dx (N,Cin,H,W), dw (Cin,Cout,2,2), db (Cout), dskip (N,Cs,2H,2W)).
+
+        The concatenation's adjoint splits dy: dskip = dy[:, :Cs] (a view), and the
+        up-conv's gradients read du = dy[:, Cs:]:
+            dx[n,c,h,w] = sum_{o,i,j} du[n,o,2h+i,2w+j] * w[c,o,i,j]
+            dw[c,o,i,j] = sum_{n,h,w} x[n,c,h,w] * du[n,o,2h+i,2w+j]
+            db[o]       = sum_{n,y,x} du[n,o,y,x]"""
+        x, w, Cs = cache
         N, Cin, H, W = x.shape
         Cout = w.shape[1]
-        d6 = dy.reshape(N, Cout, H, 2, W, 2)  # (n,o,h,i,w,j)
+        du = np.ascontiguousarray(dy[:, Cs:])
+        d6 = du.reshape(N, Cout, H, 2, W, 2)  # (n,o,h,i,w,j)
         dx = np.einsum("nohiwj,coij->nchw", d6, w, optimize=True)
         dw = np.einsum("nchw,nohiwj->coij", x, d6, optimize=True)
-        db = dy.sum(axis=(0, 2, 3))
-        return dx, dw, db
-
-    # -- skip connection -------------------------------------------------------
-    def concat_channels(self, a, b):
-        return np.concatenate([a, b], axis=1)
-
-    def split_channels(self, d, ca):
-        return d[:, :ca].copy(), d[:, ca:].copy()
+        db = du.sum(axis=(0, 2, 3))
+        return dx, dw, db, dy[:, :Cs]
 
     # -- output and loss -----------------------------------------------------
     def sigmoid(self, z):

@@ -1,8 +1,7 @@
-"""Elementwise ops on device arrays of any layout: ReLU, channel concat/split, sigmoid, fused BCE.
+"""Elementwise ops on device arrays of any layout: ReLU, sigmoid, fused BCE.
 
 Channels are the fastest-varying NHWC axis, so neighbouring threads touch
-neighbouring addresses; concat/split of the skip connection are interleaving
-copies, one kernel each.
+neighbouring addresses.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ class ReluCache(NamedTuple):
 
 
 class ElementwiseOps:
-    """ReLU, concat/split, sigmoid and the fused loss. A part of ``CupyBackend`` (backend.py),
+    """ReLU, sigmoid and the fused loss. A part of ``CupyBackend`` (backend.py),
     which provides ``xp``, ``dtype``, ``_launch`` and ``_c``."""
 
     RELU_FWD = CudaKernel("relu_fwd", r"""
@@ -55,56 +54,6 @@ extern "C" __global__ void relu_bwd(const real* __restrict__ dy, const real* __r
         dx = self.xp.empty_like(dy)
         self._launch(self.RELU_BWD, dx.size, dy, cache.y, dx, np.int64(dx.size))
         return dx
-
-    CONCAT = CudaKernel("concat_c", r"""
-// out (P, Ca+Cb) = [a (P, Ca) | b (P, Cb)] per pixel (P = N*H*W): channels of a first.
-extern "C" __global__ void concat_c(const real* __restrict__ a, const real* __restrict__ b,
-                                    real* __restrict__ out, long long P, int Ca, int Cb) {
-    const int Ct = Ca + Cb;
-    const long long total = P * Ct;
-    GRID_LOOP(idx, total) {
-        const int c = (int)(idx % Ct);
-        const long long pix = idx / Ct;
-        out[idx] = c < Ca ? a[pix * Ca + c] : b[pix * Cb + (c - Ca)];
-    }
-}
-""")
-
-    def concat_channels(self, a, b):
-        """a (N,H,W,Ca), b (N,H,W,Cb) -> (N,H,W,Ca+Cb), a's channels first."""
-        a, b = self._c(a), self._c(b)
-        N, H, W, Ca = a.shape
-        Cb = b.shape[3]
-        out = self.xp.empty((N, H, W, Ca + Cb), dtype=self.dtype)
-        self._launch(self.CONCAT, out.size, a, b, out, np.int64(N * H * W), np.int32(Ca), np.int32(Cb))
-        return out
-
-    SPLIT = CudaKernel("split_c", r"""
-// The adjoint: da (P, Ca) = d[:, :Ca], db (P, Cb) = d[:, Ca:]. One thread per element of d,
-// each writes exactly one distinct element of da or db.
-extern "C" __global__ void split_c(const real* __restrict__ d, real* __restrict__ da,
-                                   real* __restrict__ db, long long P, int Ca, int Cb) {
-    const int Ct = Ca + Cb;
-    const long long total = P * Ct;
-    GRID_LOOP(idx, total) {
-        const int c = (int)(idx % Ct);
-        const long long pix = idx / Ct;
-        if (c < Ca) da[pix * Ca + c] = d[idx];
-        else db[pix * Cb + (c - Ca)] = d[idx];
-    }
-}
-""")
-
-    def split_channels(self, d, ca):
-        """d (N,H,W,Ca+Cb) -> (d[..., :ca], d[..., ca:]) as fresh arrays: the adjoint of concat."""
-        d = self._c(d)
-        N, H, W, Ct = d.shape
-        ca = int(ca)
-        cb = Ct - ca
-        da = self.xp.empty((N, H, W, ca), dtype=self.dtype)
-        db = self.xp.empty((N, H, W, cb), dtype=self.dtype)
-        self._launch(self.SPLIT, d.size, d, da, db, np.int64(N * H * W), np.int32(ca), np.int32(cb))
-        return da, db
 
     SIGMOID = CudaKernel("sigmoid_k", r"""
 // Stable sigmoid: exp of a non-positive number only.

@@ -1,5 +1,5 @@
-"""The elementwise ops of the numba backend: ReLU, the skip connection's concat and split,
-sigmoid and the fused sigmoid + BCE loss. Each runs a flat (or per-pixel) kernel over chunks.
+"""The elementwise ops of the numba backend: ReLU, sigmoid and the fused sigmoid + BCE loss.
+Each runs a flat kernel over chunks.
 
 NaN and inf propagate (the rule in ``kernels/base.py``): ReLU keeps a NaN
 (NaN < 0 is false), its backward multiplies by the mask (a NaN in dy stays NaN),
@@ -59,59 +59,6 @@ def relu_backward(dy, cache):
     dxf = dx.reshape(-1)
     threads.run(lambda lo, hi: _relu_bwd(dyf[lo:hi], yf[lo:hi], dxf[lo:hi]), threads.flat_ranges(dyf.size))
     return dx
-
-
-# -- skip connection -------------------------------------------------------------------
-
-
-@njit(**JIT)
-def _concat_last(a, b, out):
-    """out[p, :Ca] = a[p], out[p, Ca:] = b[p]; a (P,Ca), b (P,Cb), out (P,Ca+Cb)."""
-    P, Ca = a.shape
-    Cb = b.shape[1]
-    for p in range(P):
-        for c in range(Ca):
-            out[p, c] = a[p, c]
-        for c in range(Cb):
-            out[p, Ca + c] = b[p, c]
-
-
-def concat_channels(a, b):
-    """(N,H,W,Ca), (N,H,W,Cb) -> (N,H,W,Ca+Cb), a's channels first."""
-    N, H, W, Ca = a.shape
-    Cb = b.shape[3]
-    P = N * H * W
-    a2, b2 = np.ascontiguousarray(a).reshape(P, Ca), np.ascontiguousarray(b).reshape(P, Cb)
-    out = np.empty((N, H, W, Ca + Cb), a.dtype)
-    o2 = out.reshape(P, Ca + Cb)
-    chunks = threads.ranges(P, threads.ELEMS // (Ca + Cb))
-    threads.run(lambda lo, hi: _concat_last(a2[lo:hi], b2[lo:hi], o2[lo:hi]), chunks)
-    return out
-
-
-@njit(**JIT)
-def _split_last(d, a, b):
-    """a[p] = d[p, :Ca], b[p] = d[p, Ca:]: the adjoint of the concat."""
-    P, Ca = a.shape
-    Cb = b.shape[1]
-    for p in range(P):
-        for c in range(Ca):
-            a[p, c] = d[p, c]
-        for c in range(Cb):
-            b[p, c] = d[p, Ca + c]
-
-
-def split_channels(d, ca):
-    """(N,H,W,Ca+Cb) -> ((N,H,W,Ca), (N,H,W,Cb)), fresh arrays: the adjoint of concat."""
-    N, H, W, C = d.shape
-    P = N * H * W
-    d2 = np.ascontiguousarray(d).reshape(P, C)
-    a = np.empty((N, H, W, ca), d.dtype)
-    b = np.empty((N, H, W, C - ca), d.dtype)
-    a2, b2 = a.reshape(P, ca), b.reshape(P, C - ca)
-    chunks = threads.ranges(P, threads.ELEMS // C)
-    threads.run(lambda lo, hi: _split_last(d2[lo:hi], a2[lo:hi], b2[lo:hi]), chunks)
-    return a, b
 
 
 # -- output and loss ---------------------------------------------------------------------
