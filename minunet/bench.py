@@ -27,7 +27,6 @@ The timer (``median_ms``), the steppers (``minunet_stepper`` here,
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import resource
 import statistics
@@ -36,6 +35,7 @@ import time
 import numpy as np
 
 from minunet.kernels import get_backend
+from minunet.kernels.numba.threads import openblas_libraries
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
 from minunet.opcases import ADAM, MAXPOOL, SIGMOID_BCE, UPCONV, conv2d, rel_err
@@ -104,12 +104,7 @@ def blas_setting():
     bundled OpenBLAS reports (``openblas_get_corename``; None for a NumPy built on another BLAS).
     The same CPU can run its 'Haswell' (AVX2) or 'SkylakeX' (AVX-512) kernels, at different speeds."""
     corename = None
-    libdir = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*.so*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    for lib in openblas_libraries():
         for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
             if hasattr(lib, name):
                 fn = getattr(lib, name)

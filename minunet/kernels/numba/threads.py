@@ -142,14 +142,19 @@ def run_sum(fn, chunks):
 # -- BLAS on one thread inside the pool ----------------------------------------
 
 
-def _find_openblas():
-    """ctypes handles (get, set) of the thread count of NumPy's bundled OpenBLAS, or None."""
+def openblas_libraries():
+    """ctypes handles of NumPy's bundled OpenBLAS (none for a NumPy built on another BLAS)."""
     libdir = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
     for path in sorted(glob.glob(os.path.join(libdir, "*openblas*.so*"))):
         try:
-            lib = ctypes.CDLL(path)
+            yield ctypes.CDLL(path)
         except OSError:
             continue
+
+
+def _find_openblas():
+    """ctypes handles (get, set) of the thread count of NumPy's bundled OpenBLAS, or None."""
+    for lib in openblas_libraries():
         for get, set_ in (
             ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
