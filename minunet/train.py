@@ -61,6 +61,7 @@ from minunet.data import (
     make_split,
     num_batches,
     read_exclude,
+    repeat_severe,
     split_from_file,
 )
 from minunet.data.split_files import NAMED as NAMED_SPLITS
@@ -87,6 +88,7 @@ from minunet.runfolder import (
 DETERMINISTIC_KEYS = (
     "data", "mask", "batch_size", "lr", "lr_schedule", "loss", "base_channels", "depth", "size",
     "seed", "val_fraction", "limit", "augment", "exclude", "split_file", "init", "whiten_lesions",
+    "severe_repeat",
 )
 RESUME_MAY_CHANGE = ("lr",)
 PATH_KEYS = ("data", "exclude", "split_file", "init")  # stored resolved, so a run resumes from any folder
@@ -118,6 +120,7 @@ class TrainConfig:
     limit: int | None = None
     augment: bool = False
     whiten_lesions: float = 0.0  # lung runs: probability of Augment's lesion whitening (needs infection masks)
+    severe_repeat: int = 1  # lung runs: images whose lesions cover >= half the lung go this many times per epoch
     exclude: str | None = None  # a file listing images to keep out of training and validation
     split_file: str | None = None  # a split file (data/split_files.py) whose train and val lists are used
     init: str | None = None  # a checkpoint whose weights the model starts from (Adam starts fresh)
@@ -146,6 +149,10 @@ class TrainConfig:
              "--mask lung"),
             (not self.whiten_lesions or self.augment,
              "--whiten-lesions is part of the augmentation: add --augment"),
+            (self.severe_repeat >= 1, f"--severe-repeat must be >= 1, got {self.severe_repeat}"),
+            (self.severe_repeat == 1 or self.mask == "lung",
+             "--severe-repeat repeats the images whose lesions cover half the lung or more while a lung model "
+             "learns: it needs --mask lung"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -324,10 +331,11 @@ def lesion_items_for(data, train_items) -> list:
     try:
         by_image = {it.image: it for it in find_data(data, "infection").items()}
     except DataError as e:
-        raise DataError(f"--whiten-lesions needs the data's infection masks: {e}") from None
+        raise DataError(f"--whiten-lesions and --severe-repeat need the data's infection masks: {e}") from None
     missing = [it.name for it in train_items if it.image not in by_image]
     if missing:
-        raise DataError(f"--whiten-lesions needs an infection mask for every training image; {len(missing)} have "
+        raise DataError(f"--whiten-lesions and --severe-repeat need an infection mask for every training image; "
+                        f"{len(missing)} have "
                         f"none, e.g. {missing[0]}")
     return [by_image[it.image] for it in train_items]
 
@@ -356,7 +364,8 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
             raise ConfigError(f"--resume: the run in {out} used the {ran_on} backend; resuming on {backend.name} "
                               f"would not continue it bit for bit: pass --backend {ran_on}, or start a new run from "
                               f"its weights with --init {out / 'last.npz'} and another --out")
-        lesion_items = lesion_items_for(cfg.data, split.train) if cfg.whiten_lesions else None
+        needs_lesions = cfg.whiten_lesions or cfg.severe_repeat > 1
+        lesion_items = lesion_items_for(cfg.data, split.train) if needs_lesions else None
         split_json = split.to_json(index)
         old = prior["old_split"]
         if resume and (old is None or old.get("train") != split_json["train"] or old.get("val") != split_json["val"]):
@@ -398,7 +407,8 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
 
     model = UNet(1, cfg.base_channels, cfg.depth, backend=backend, seed=cfg.seed)
     opt = Adam(model.params, model.grads, lr=cfg.lr, backend=backend)
-    n_b = num_batches(len(train_set), cfg.batch_size)
+    epoch_items = repeat_severe(train_set.masks, lesions, cfg.severe_repeat) if lesions is not None else None
+    n_b = num_batches(len(train_set) if epoch_items is None else len(epoch_items), cfg.batch_size)
     total_steps = cfg.epochs * n_b
     state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "n_seen": 0, "seconds": 0.0,
              "history": [], "best_dice": -1.0, "best_epoch": 0, "changes": []}
@@ -488,7 +498,7 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
             loader = BatchLoader(train_set, cfg.batch_size, cfg.seed, epoch, start=state["batch"], augment=augment,
-                                 lesions=lesions)
+                                 lesions=lesions, items=epoch_items)
             emit("epoch_start", epoch=epoch + 1, epochs=cfg.epochs, n_batches=n_b, start=state["batch"])
             t_start = time.perf_counter() - state["seconds"]
             t_images, n_images = time.perf_counter(), 0

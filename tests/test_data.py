@@ -24,7 +24,7 @@ from minunet.data import (
     read_name_list,
     subdir,
 )
-from minunet.data.batches import whiten_lesion
+from minunet.data.batches import repeat_severe, whiten_lesion
 from minunet.errors import DataError, MinunetWarning
 
 SAMPLE = Path(__file__).resolve().parent.parent / "minunet" / "assets" / "sample"
@@ -214,6 +214,27 @@ def test_lesion_whitening_brightens_only_the_lesion_and_keeps_the_other_draws():
     white, m2 = Augment(whiten=1.0).apply(img, mask, np.random.default_rng(5), lesion)
     assert np.array_equal(plain, empty) and np.array_equal(m0, m1) and np.array_equal(m0, m2)
     assert (white >= plain).all() and (white > plain).sum() > 200  # the lung mask is kept, the lesion whitened
+
+
+def test_severe_images_repeat_and_the_default_order_is_unchanged(tmp_path):
+    lung = np.zeros((5, 8, 8), np.uint8)
+    lung[:, 2:6, 2:6] = 1  # 16 lung pixels each, but image 4 has none
+    lung[4] = 0
+    lesion = np.zeros_like(lung)
+    lesion[1, 2:4, 2:6] = 1  # exactly half the lung: severe
+    lesion[2, 2:3, 2:6] = 1  # a quarter: not
+    lesion[3] = lung[3]  # all of it: severe
+    lesion[4, 0, 0] = 1  # no lung: never severe
+    assert list(repeat_severe(lung, lesion, 1)) == [0, 1, 2, 3, 4]
+    assert list(repeat_severe(lung, lesion, 3)) == [0, 1, 2, 3, 4, 1, 3, 1, 3]
+    make_generic(tmp_path, n=7)
+    arr = load_arrays(find_data(tmp_path).items(), 32, cache_dir=None)
+    plain = list(BatchLoader(arr, 3, seed=3, epoch=1))
+    same = list(BatchLoader(arr, 3, seed=3, epoch=1, items=np.arange(7)))
+    for (b1, x1, y1), (b2, x2, y2) in zip(plain, same, strict=True):  # every image once: the order of before
+        assert b1 == b2 and np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    more = BatchLoader(arr, 3, seed=3, epoch=1, items=np.array([0, 1, 2, 3, 4, 5, 6, 2, 2]))
+    assert more.n_batches == 3 and sorted(more.order) == [0, 1, 2, 2, 2, 3, 4, 5, 6]
 
 
 def test_shipped_sample_is_balanced_and_listed():

@@ -204,7 +204,8 @@ def test_a_run_on_relative_paths_resumes_from_another_folder(data_dir, tmp_path,
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=0.0), dict(lr=-1.0), dict(batch_size=0), dict(size=34),
                                  dict(val_fraction=1.5), dict(limit=1), dict(loss="mse"),
                                  dict(whiten_lesions=0.5), dict(whiten_lesions=1.5, augment=True),
-                                 dict(whiten_lesions=0.5, augment=True, mask="infection")])
+                                 dict(whiten_lesions=0.5, augment=True, mask="infection"),
+                                 dict(severe_repeat=0), dict(severe_repeat=2, mask="infection")])
 def test_bad_settings_are_config_errors(data_dir, tmp_path, bad):
     with pytest.raises(ConfigError):
         train(cfg(data_dir, tmp_path / "x", **bad))
@@ -220,15 +221,30 @@ def test_lesion_whitening_changes_the_lung_run_and_needs_infection_masks(data_di
         train(cfg(data_dir, tmp_path / "white", epochs=2, augment=True), resume=True)
     no_infection = tmp_path / "lungs_only"
     make_qu(no_infection, n_per_class=4, infection=False)
-    with pytest.raises(DataError, match="--whiten-lesions needs the data's infection masks"):
+    with pytest.raises(DataError, match="--whiten-lesions and --severe-repeat need the data.s infection masks"):
         train(cfg(no_infection, tmp_path / "x", augment=True, whiten_lesions=0.5))
+
+
+def test_severe_repeat_lengthens_the_epoch_by_the_severe_images(data_dir, tmp_path):
+    events = []
+    res = train(cfg(data_dir, tmp_path / "rep", epochs=1, severe_repeat=3), lambda e, **i: events.append((e, i)))
+    # make_qu's COVID-19 lesions cover the left half of each lung: half or more of it, so severe. Of the 9
+    # training images 3 are COVID-19 (val_fraction 0.25 keeps 1 of each class's 4 for validation).
+    split = json.loads((tmp_path / "rep" / "split.json").read_text())
+    n_severe = sum("COVID_19" in name for name in split["train"])
+    assert n_severe == 3 and res.status == "done"
+    assert [i["n_batches"] for e, i in events if e == "epoch_start"] == [-(-(9 + 2 * n_severe) // 3)]
+    with pytest.raises(DataError, match="--severe-repeat need"):
+        no_infection = tmp_path / "lungs_only"
+        make_qu(no_infection, n_per_class=4, infection=False)
+        train(cfg(no_infection, tmp_path / "x", severe_repeat=2))
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(data_dir, tmp_path):
     train(cfg(data_dir, tmp_path / "old", epochs=1))
     path = tmp_path / "old" / "config.json"
     info = json.loads(path.read_text())
-    del info["train"]["whiten_lesions"]  # as written before --whiten-lesions
+    del info["train"]["whiten_lesions"], info["train"]["severe_repeat"]  # as written before those settings
     path.write_text(json.dumps(info))
     res = train(cfg(data_dir, tmp_path / "old", epochs=2), resume=True)
     assert res.status == "done" and [r["epoch"] for r in res.history] == [1, 2]

@@ -98,6 +98,9 @@ class TrainReporter:
                help="Lung runs with --augment: with probability P, brighten each image's infected region (from "
                     "the data's infection masks) towards soft-tissue white, so the model learns that consolidated "
                     "lung is still lung.")
+@config_option("--severe-repeat", type=click.IntRange(min=1), metavar="N",
+               help="Lung runs on data with infection masks: images whose lesions cover half the lung or more "
+                    "go N times through each epoch (the sickest lungs are the hardest to outline).")
 @config_option("--exclude", type=click.Path(path_type=str),
                help="Images to keep out: a text file of names (e.g. minunet/assets/sample/FILES.txt), or a split "
                     "file (a run's split.json, covid-qu-ex) whose held-out val and test lists are kept out.")

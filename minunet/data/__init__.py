@@ -11,7 +11,15 @@ A training run goes through them in that order:
 ``find_data -> make_split (or split_from_file) -> load_arrays -> BatchLoader``.
 """
 
-from minunet.data.batches import Augment, BatchLoader, epoch_order, iter_eval_batches, make_batch, num_batches
+from minunet.data.batches import (
+    Augment,
+    BatchLoader,
+    epoch_order,
+    iter_eval_batches,
+    make_batch,
+    num_batches,
+    repeat_severe,
+)
 from minunet.data.decode import (
     ArraySet,
     Decoded,
@@ -35,5 +43,5 @@ __all__ = [
     "Split", "binarise_mask", "cache_key", "decode_item", "default_cache_dir", "epoch_order", "filter_items",
     "find_data", "is_image", "iter_eval_batches", "list_images", "load_arrays", "make_batch", "make_split",
     "name_matches", "num_batches", "read_exclude", "read_gray", "read_image", "read_mask", "read_name_list",
-    "read_split", "resize_gray", "resolve_split_path", "split_from_file", "subdir",
+    "read_split", "repeat_severe", "resize_gray", "resolve_split_path", "split_from_file", "subdir",
 ]

@@ -25,6 +25,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def repeat_severe(lung_masks, lesion_masks, times: int, share: float = 0.5) -> np.ndarray:
+    """The training list of an epoch, as image ids: every image once, and the severe ones (the lesion
+    mask covers at least ``share`` of the lung mask) ``times`` times in all. Ids ascending, then the
+    repeats: the epoch's seeded permutation mixes them. uint8 (N, S, S) masks (memory-mapped is fine)."""
+    n = len(lung_masks)
+    ids = np.arange(n)
+    if times <= 1:
+        return ids
+    lung = np.array([np.count_nonzero(lung_masks[i]) for i in range(n)])
+    lesion = np.array([np.count_nonzero(lesion_masks[i]) for i in range(n)])
+    severe = np.flatnonzero((lung > 0) & (lesion >= share * lung))
+    return np.concatenate([ids] + [severe] * (times - 1))
+
+
 def num_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
 
@@ -115,14 +129,17 @@ class BatchLoader:
 
     Batch b holds ``order[b*B:(b+1)*B]`` (the last one may be short) and is
     augmented with ``default_rng([seed, epoch, b])``; iterating yields
-    (b, x, y)."""
+    (b, x, y). ``items``: the image ids an epoch goes through (default: each image once; see
+    ``repeat_severe``); the order is ``items`` permuted by ``epoch_order``."""
 
     def __init__(self, data: ArraySet, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 augment: Augment | None = None, prefetch: int = 2, lesions: np.ndarray | None = None):
+                 augment: Augment | None = None, prefetch: int = 2, lesions: np.ndarray | None = None,
+                 items: np.ndarray | None = None):
         self.lesions = lesions
         self.data, self.batch_size, self.seed, self.epoch = data, batch_size, seed, epoch
-        self.order = epoch_order(len(data), seed, epoch)
-        self.n_batches = num_batches(len(data), batch_size)
+        items = np.arange(len(data)) if items is None else np.asarray(items)
+        self.order = items[epoch_order(len(items), seed, epoch)]
+        self.n_batches = num_batches(len(items), batch_size)
         self.start, self.augment, self.prefetch = start, augment, prefetch
 
     def batch(self, b: int):
