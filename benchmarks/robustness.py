@@ -132,6 +132,19 @@ def dice_under(model, images, masks, fn, seed=0, batch_size=8, threshold=0.5, mi
     return acc
 
 
+def lung_and_lesion_arrays(data, size, only="covid-qu-ex", subset="test"):
+    """(lung ArraySet, label, share, covid) for the listed images of a COVID-QU-Ex folder: the images
+    with their lung masks, a label of the list, each image's infected share of the lung in percent
+    (reference masks: 100 * infection pixels / lung pixels) and whether it is a COVID-19 image."""
+    lung_items, label = filter_items(find_data(data, "lung").items("all"), only, subset)
+    inf_items, _ = filter_items(find_data(data, "infection").items("all"), only, subset)
+    lung = load_arrays(lung_items, size, default_cache_dir())
+    inf = load_arrays(inf_items, size, default_cache_dir())
+    lung_px = np.asarray(lung.masks).reshape(len(lung), -1).sum(1)
+    share = 100 * np.asarray(inf.masks).reshape(len(inf), -1).sum(1) / np.maximum(lung_px, 1)
+    return lung, label, share, np.array([g == "COVID-19" for g in lung.groups])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data")
@@ -144,10 +157,7 @@ def main(argv=None):
     ck = load_checkpoint(a.model)
     model = ck.build_model(get_backend(a.backend))
     size = ck.input_size
-    lung_items, label = filter_items(find_data(a.data, "lung").items("all"), a.only, a.subset)
-    inf_items, _ = filter_items(find_data(a.data, "infection").items("all"), a.only, a.subset)
-    lung = load_arrays(lung_items, size, default_cache_dir())
-    inf = load_arrays(inf_items, size, default_cache_dir())
+    lung, label, share, covid = lung_and_lesion_arrays(a.data, size, a.only, a.subset)
     pp = ck.postprocess
     print(f"{label}: {len(lung)} images at {size}x{size}; model {a.model} (threshold {pp['threshold']:g}, "
           f"min area {pp['min_area']:g})")
@@ -162,10 +172,6 @@ def main(argv=None):
         print(f"{name:<14} Dice {d:.4f}  ({d - clean:+.4f})  {time.perf_counter() - t0:5.1f} s", flush=True)
         if name == "clean":
             dice = acc.per_image_dice()
-            lung_px = np.asarray(lung.masks).reshape(len(lung), -1).sum(1)
-            inf_px = np.asarray(inf.masks).reshape(len(inf), -1).sum(1)
-            share = 100 * inf_px / np.maximum(lung_px, 1)
-            covid = np.array([g == "COVID-19" for g in lung.groups])
             for lo, hi in BANDS:
                 sel = covid & (share >= lo) & (share < hi)
                 band = {"band": f"{lo}-{min(hi, 100)}%", "n": int(sel.sum()),

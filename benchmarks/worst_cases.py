@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
+from robustness import lung_and_lesion_arrays  # benchmarks/robustness.py, beside this script
 
 from minunet.checkpoint import load_checkpoint
-from minunet.data import default_cache_dir, filter_items, find_data, load_arrays
 from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator
 from minunet.postprocess import drop_small, overlay
@@ -68,23 +68,18 @@ def main(argv=None):
     size = before.input_size
     if after.input_size != size:
         ap.error(f"the models take different sizes ({size} and {after.input_size})")
-    lung_items, label = filter_items(find_data(a.data, "lung").items("all"), a.only, a.subset)
-    inf_items, _ = filter_items(find_data(a.data, "infection").items("all"), a.only, a.subset)
-    lung = load_arrays(lung_items, size, default_cache_dir())
-    inf = load_arrays(inf_items, size, default_cache_dir())
-    lung_px = np.asarray(lung.masks).reshape(len(lung), -1).sum(1)
-    share = 100 * np.asarray(inf.masks).reshape(len(inf), -1).sum(1) / np.maximum(lung_px, 1)
-    covid = np.array([g == "COVID-19" for g in lung.groups])
+    lung, label, share, covid = lung_and_lesion_arrays(a.data, size, a.only, a.subset)
     sel = np.flatnonzero(covid & (share >= a.band[0]) & (share < a.band[1]))
     if not len(sel):
         ap.error(f"no COVID-19 image of {label} has an infected share in [{a.band[0]}, {a.band[1]})")
     images, ref = np.asarray(lung.images)[sel], np.asarray(lung.masks)[sel].astype(bool)
     be = get_backend(a.backend)
-    d_before = per_image_dice(predict_masks(before, images, be), ref)
+    p_all = predict_masks(before, images, be)
+    d_before = per_image_dice(p_all, ref)
     worst = np.argsort(d_before, kind="stable")[: a.n]
+    p_before = p_all[worst]
     p_after = predict_masks(after, images[worst], be)
     d_after = per_image_dice(p_after, ref[worst])
-    p_before = predict_masks(before, images[worst], be)
     rows = []
     print(f"{label}: {len(sel)} COVID-19 images with {a.band[0]:g}-{min(a.band[1], 100):g}% of the lung infected; "
           f"the {len(worst)} worst of the before model:")

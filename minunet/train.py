@@ -335,8 +335,7 @@ def lesion_items_for(data, train_items) -> list:
     missing = [it.name for it in train_items if it.image not in by_image]
     if missing:
         raise DataError(f"--whiten-lesions and --severe-repeat need an infection mask for every training image; "
-                        f"{len(missing)} have "
-                        f"none, e.g. {missing[0]}")
+                        f"{len(missing)} have none, e.g. {missing[0]}")
     return [by_image[it.image] for it in train_items]
 
 
