@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minunet.kernels.numpy_ref import NumpyBackend
+
 
 def rel_err(a, b, floor=1e-30) -> float:
     """max|a - b| / max(max|a|, max|b|, floor): the distance of two tensors, relative to their scale.
@@ -62,7 +64,9 @@ class OpCase:
     """One op: ``make(rng, dtype, **dims) -> (inputs, upstream)`` (NCHW numpy),
     ``forward(be, inputs) -> (outputs, cache)``,
     ``backward(be, cache, upstream) -> grads`` (None: the op has no backward),
-    and ``flops(**dims) -> (forward, backward)`` for the benchmark's GFLOP/s."""
+    ``flops(**dims) -> (forward, backward)`` for the benchmark's GFLOP/s, and
+    ``well_posed(inputs, upstream) -> upstream`` (None: nothing to do), which the
+    cross-backend checks apply before comparing gradients (see ``comparable``)."""
 
     name: str
     make: Callable
@@ -70,6 +74,21 @@ class OpCase:
     backward: Callable | None = None
     activations: frozenset = frozenset()
     flops: Callable | None = None
+    well_posed: Callable | None = None
+
+    def comparable(self, inputs, upstream):
+        """The upstream gradients with the entries zeroed where the op's gradient is not defined
+        within rounding, so that two correct backends must agree on the rest.
+
+        A fused ReLU's backward is dy * [z > 0]. Where the pre-activation z lies within float
+        rounding of 0, two backends that sum in different orders may put it on either side of the
+        kink, and their gradients then differ by a whole dy there (the left and right derivatives
+        differ): that is no error of either. At the widths of the U-Net (pre-activations of size
+        ~30 over ~500k pixels of a validation crop) that happens in about one draw in four. The
+        timing never calls this; gradcheck does not need it (float64, tiny shapes)."""
+        if self.well_posed is None or upstream is None:
+            return upstream
+        return self.well_posed(inputs, upstream)
 
     def to_backend(self, be, arrays):
         """NCHW numpy arrays -> be's arrays (copies: an op may update its inputs in place)."""
@@ -130,7 +149,25 @@ def conv2d(k=3, relu=False, need_dx=True):
         return f, f * (2 if need_dx else 1)  # backward: dw, and dx when asked
 
     name = f"conv2d {k}x{k}" + (" +relu" if relu else "") + ("" if need_dx else " (no dx)")
-    return OpCase(name, make, forward, backward, _ACT, flops)
+    return OpCase(name, make, forward, backward, _ACT, flops, _off_the_kink if relu else None)
+
+
+# A float32 sum of K terms differs between two summation orders by at most about K eps sum|terms|,
+# typically sqrt(K) eps sum|terms|; this many eps of sum|terms| covers what the backends do.
+KINK_EPS = 64
+
+
+def _off_the_kink(inputs, upstream):
+    """conv2d +relu: dy zeroed where |z| <= KINK_EPS * eps * (sum_{c,i,j} |w||xpad| + |b|), with the
+    pre-activation z = conv(x, w) + b and the bound computed in float64 (the reference, relu off).
+    Measured on a validation crop of the U-Net's 128->64 conv: 64 of 524,288 pixels at float32."""
+    x, w, b = (np.asarray(inputs[k], np.float64) for k in ("x", "w", "b"))
+    ref = NumpyBackend("float64")
+    z = ref.conv2d_forward(x, w, b)[0]
+    bound = ref.conv2d_forward(np.abs(x), np.abs(w), np.abs(b))[0]
+    dy = upstream["y"]
+    near = np.abs(z) <= KINK_EPS * np.finfo(dy.dtype).eps * bound
+    return dict(upstream, y=np.where(near, 0, dy).astype(dy.dtype))
 
 
 def _out(result, name="y"):
