@@ -1,7 +1,7 @@
 """The numba backend's direct convolution kernels (few channels at large H*W) against the NumPy reference.
 
-The shape rule sends only the full-resolution U-Net levels (Cin, Cout <= 32,
-Cout a multiple of 16) to the direct kernels, so the small random shapes of
+The shape rule sends only the upper U-Net levels (Cout a multiple of 16, and
+few channels or wide images: ``conv.use_direct``) to the direct kernels, so the small random shapes of
 ``test_backend_equivalence`` never reach them. Here a switch forces the path
 (``conv.direct_force``) on small images with 16 or 32 output channels, through
 every edge case: rows and columns whose taps leave the image, widths smaller
@@ -72,22 +72,23 @@ def test_direct_conv2d(dtype, k, relu, shape, seed):
     N, Cin, Cout, H, W = shape
     dims = dict(n=N, cin=Cin, cout=Cout, h=H, w=W)
     with direct(True):
-        assert conv.use_direct(Cin, Cout, k)
+        assert conv.use_direct(Cin, Cout, k, W) and conv.use_direct_dw(Cin, Cout, k)
         (_, grads), _, _ = check_case("numba", dtype, conv2d(k, relu), dims, seed)
         (_, no_dx), _, _ = check_case("numba", dtype, conv2d(k, relu, need_dx=False), dims, seed)
     assert no_dx["x"] is None
     np.testing.assert_array_equal(no_dx["w"], grads["w"])
 
 
-@pytest.mark.parametrize("Cin", [1, 16, 32])
-def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin):
+@pytest.mark.parametrize(("Cin", "Cout"), [(1, 16), (16, 16), (32, 16), (64, 32), (128, 64)])
+def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin, Cout):
     """A full-width image (several chunks, every register-block position): the direct path gives the
     same bytes twice and agrees with the im2col + BLAS path to float32 tolerance."""
     dtype, case = "float32", conv2d(3, relu=True, need_dx=Cin > 1)
     be = backend("numba", dtype)
-    inputs, upstream = case.make(np.random.default_rng(Cin), dtype, n=2, cin=Cin, cout=16, h=70, w=258)
+    inputs, upstream = case.make(np.random.default_rng(Cin), dtype, n=2, cin=Cin, cout=Cout, h=70, w=258)
     inputs["w"] *= 0.3
-    assert conv.use_direct(Cin, 16, 3)  # the rule takes these shapes
+    upstream = case.comparable(inputs, upstream)  # the two paths sum in different orders: off the ReLU's kink
+    assert conv.use_direct(Cin, Cout, 3, 258)  # the rule takes these shapes
     first, again = case.run(be, inputs, upstream), case.run(be, inputs, upstream)
     with direct(False):
         blas = case.run(be, inputs, upstream)
@@ -99,13 +100,21 @@ def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin):
 
 
 def test_direct_rule():
-    """Direct for the full-resolution level's shapes, im2col + BLAS for the deeper ones and 1x1."""
+    """conv_direct for few channels at any width and up to 64 outputs from 128 inputs on images at
+    least 64 wide; the direct weight gradient up to 32 outputs from 64 inputs; never for 1x1 or
+    output counts that are not a multiple of 16 (the measured rule in conv.py)."""
     assert conv.direct_force is None
-    for cin, cout in [(1, 16), (16, 16), (32, 16), (16, 32), (32, 32)]:
-        assert conv.use_direct(cin, cout, 3)
-    for cin, cout in [(32, 64), (64, 64), (128, 64), (16, 8), (16, 1)]:
-        assert not conv.use_direct(cin, cout, 3)
-    assert not conv.use_direct(16, 16, 1)
+    for cin, cout, w in [(1, 16, 256), (16, 16, 8), (32, 16, 256), (32, 32, 16), (64, 32, 128), (32, 64, 64),
+                         (128, 64, 64), (64, 64, 64)]:
+        assert conv.use_direct(cin, cout, 3, w), (cin, cout, w)
+    for cin, cout, w in [(64, 64, 32), (128, 64, 32), (64, 128, 64), (256, 128, 32), (256, 64, 256),
+                         (16, 8, 256), (16, 1, 256)]:
+        assert not conv.use_direct(cin, cout, 3, w), (cin, cout, w)
+    for cin, cout in [(1, 16), (32, 16), (32, 32), (64, 32)]:
+        assert conv.use_direct_dw(cin, cout, 3)
+    for cin, cout in [(32, 64), (128, 32), (64, 64), (16, 8)]:
+        assert not conv.use_direct_dw(cin, cout, 3)
+    assert not conv.use_direct(16, 16, 1, 256) and not conv.use_direct_dw(16, 16, 1)
 
 
 @IGNORE_INVALID

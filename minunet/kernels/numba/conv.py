@@ -7,13 +7,14 @@ Two ways to the same sums, chosen by shape (``use_direct``):
   the rows still in cache. No full-size column buffer is built. The input
   gradient is the same convolution of dz with the flipped, transposed
   kernel; the weight gradient is a per-chunk col^T @ dz.
-- direct kernels (few channels: Cin, Cout <= 32, Cout a multiple of 16, the
-  full-resolution U-Net level, where the GEMM is thin and im2col copies the
-  input 9 times): a register block of 4 pixels x 16 outputs summed over taps
-  and input channels (forward and input gradient), and of 4 (or 1) input x 16
-  output channels summed over a chunk's pixels (weight gradient). Measured at
-  8x256x256: 16->16 forward 38 -> 15 ms, backward 94 -> 33 ms. Their source is
-  generated (``conv_direct_gen.py``) and checked in (``conv_direct_kernels.py``).
+- direct kernels (the upper U-Net levels, where the GEMM is thin and im2col
+  copies the input 9 times; the rule in ``use_direct`` and ``use_direct_dw``,
+  chosen by measurement): a register block of 4 pixels x 16 outputs summed
+  over taps and input channels (forward and input gradient), and of 4 (or 1)
+  input x 16 output channels summed over a chunk's pixels (weight gradient).
+  Measured at 8x256x256: 16->16 forward 38 -> 15 ms, backward 94 -> 33 ms.
+  Their source is generated (``conv_direct_gen.py``) and checked in
+  (``conv_direct_kernels.py``).
 
 NaN and inf propagate through the sums (the NaN rule in ``kernels/base.py``).
 Only where a non-finite value meets the zero padding does the formulation
@@ -141,17 +142,40 @@ def _conv_rows(x, wmat, k, b, relu, out2d):
 
 # -- direct kernels (few channels) -------------------------------------------------
 
-MAX_DIRECT_C = 32  # the rule: the direct path when Cin, Cout <= 32 (and OB divides Cout)
+# The rule, measured per part of each 3x3 conv of the U-Net (base 16, batch 8, 256x256; interleaved
+# medians on this project's 2-core AMD EPYC, benchmarks/README.md): conv_direct (the forward, and the
+# input gradient as a conv from Cout to Cin channels) wins while its outputs are few and the image
+# wide (64->32 @128: 41 vs 81 ms; 128->64 @64: 49 vs 59 ms), BLAS from 128 outputs or at 32x32 and
+# below, where the GEMM is large enough (128->128 @32: 38 vs 25 ms); up to 32 channels in and out
+# it wins at every width (the first rule). The weight-gradient kernel wins up to 32 outputs and
+# 64 inputs (64->32 @128: 73 vs 88 ms; 32->64 @64: 21 vs 14 ms).
+DIRECT_FEW = 32
+DIRECT_MAX_OUT, DIRECT_MAX_IN, DIRECT_MIN_W = 64, 128, 64
+DW_DIRECT_MAX_OUT, DW_DIRECT_MAX_IN = 32, 64
 direct_force = None  # None: the rule; True/False: always/never the direct path where the blocks fit (tests)
 
 
-def use_direct(Cin, Cout, k):
-    """The direct kernels: k > 1, Cout a multiple of OB (16), and (by the rule, unless forced) Cin, Cout <= 32."""
+def use_direct(Cin, Cout, k, W):
+    """conv_direct for a k x k conv of Cin to Cout channels on rows W pixels wide: k > 1, Cout a
+    multiple of OB (16), and (by the rule, unless forced) Cin, Cout <= 32, or Cout <= 64,
+    Cin <= 128 and W >= 64."""
     if k == 1 or Cout % OB:
         return False
     if direct_force is not None:
         return direct_force
-    return Cin <= MAX_DIRECT_C and Cout <= MAX_DIRECT_C
+    if Cin <= DIRECT_FEW and Cout <= DIRECT_FEW:
+        return True
+    return Cout <= DIRECT_MAX_OUT and Cin <= DIRECT_MAX_IN and W >= DIRECT_MIN_W
+
+
+def use_direct_dw(Cin, Cout, k):
+    """The direct weight-gradient kernel: k > 1, Cout a multiple of OB, and (by the rule, unless
+    forced) Cout <= 32 and Cin <= 64."""
+    if k == 1 or Cout % OB:
+        return False
+    if direct_force is not None:
+        return direct_force
+    return Cout <= DW_DIRECT_MAX_OUT and Cin <= DW_DIRECT_MAX_IN
 
 
 def compile_with_slp(kernel, *args):
@@ -224,7 +248,7 @@ def _conv_grads(x, dy2d, y2d, k, dz2d):
     N, H, W, Cin = x.shape
     Cout = dy2d.shape[1]
     K = k * k * Cin
-    direct = use_direct(Cin, Cout, k)
+    direct = use_direct_dw(Cin, Cout, k)
     if direct:  # about 2**18 values of x and dz rows per chunk (1 MB in float32; measured 16-32 rows best at W 256)
         per = max(1, threads.ELEMS // (W * (Cin + Cout)))
         dz4d = dz2d.reshape(N, H, W, Cout)
@@ -267,7 +291,7 @@ def conv2d_forward(x, w, b, relu=False):
     Cout, _, k, _ = w.shape
     y = np.empty((N, H, W, Cout), x.dtype)
     b = np.ascontiguousarray(b, dtype=x.dtype)
-    if use_direct(Cin, Cout, k):
+    if use_direct(Cin, Cout, k, W):
         _conv_direct_rows(x, np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=x.dtype), b, relu, y)
     else:
         wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * Cin, Cout), dtype=x.dtype)
@@ -298,7 +322,7 @@ def conv2d_backward(dy, cache, need_dx=True):
         # flipped kernel: wflip[(i,j,o), c] = w[o, c, k-1-i, k-1-j]
         wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1), x.dtype)  # (k,k,Cout,Cin)
         dx = np.empty((N, H, W, Cin), x.dtype)
-        if use_direct(Cout, Cin, k):
+        if use_direct(Cout, Cin, k, W):
             _conv_direct_rows(dz2d.reshape(N, H, W, Cout), wflip, np.zeros(Cin, x.dtype), False, dx)
         else:
             _conv_rows(dz2d.reshape(N, H, W, Cout), wflip.reshape(k * k * Cout, Cin), k, None, False,
