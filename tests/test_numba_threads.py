@@ -80,3 +80,47 @@ def test_run_sum_raises_a_chunks_error(pool_threads):
 
     with pytest.raises(ValueError, match="chunk 5"):
         threads.run_sum(chunk, threads.ranges(20, 1))
+
+
+@pytest.mark.skipif(threads._openblas is None, reason="NumPy is not linked to OpenBLAS")
+@pytest.mark.parametrize("n_chunks", [1, 3])
+def test_chunks_call_blas_on_one_thread(pool_threads, n_chunks):
+    """Even a one-chunk op, which runs in the caller's thread: a multi-threaded product splits its rows
+    by the thread count, and with some OpenBLAS kernels the bytes of a row depend on the split."""
+    get, set_ = threads._openblas
+    before = get()
+    set_(2)
+    try:
+        seen = threads.run(lambda lo, hi: get(), threads.ranges(n_chunks, 1))
+        partial = threads.run_sum(lambda lo, hi: (np.array([float(get())]),), threads.ranges(n_chunks, 1))
+        assert seen == [1] * n_chunks and partial[0][0] == n_chunks
+        assert get() == 2  # the caller's setting is back
+    finally:
+        set_(before)
+
+
+def test_a_step_gives_the_same_bytes_on_one_and_two_threads():
+    """An MPI rank runs on fewer threads than one process on the whole machine: its forward and
+    backward must give the same bytes (a small model, whose convs are single chunks; before the
+    fix they differed on OpenBLAS's Haswell kernels)."""
+    from minunet.kernels import get_backend
+    from minunet.model import UNet
+
+    be = get_backend("numba", "float32")
+    x = np.random.default_rng(0).random((2, 1, 32, 32)).astype(np.float32)
+    old_threads = threads._threads
+    old_blas = threads._openblas[0]() if threads._openblas else None
+    results = []
+    try:
+        for n in (2, 1):
+            threads.set_threads(n)
+            model = UNet(1, 4, 2, backend=be, seed=1)
+            logits = model.forward(be.asarray(x))
+            model.backward(logits * 0 + 1)
+            results.append([np.array(be.to_host(be.to_nchw(logits)))] + [np.array(g) for g in model.grads.values()])
+    finally:
+        if old_blas is not None:
+            threads.set_threads(old_blas)
+        threads._threads = old_threads
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -93,12 +93,16 @@ def _get_pool():
 
 
 def run(fn, chunks):
-    """[fn(*c) for c in chunks], the chunks shared out to the pool (in the caller's thread if one)."""
-    if len(chunks) <= 1 or _workers() == 1:
-        return [fn(*c) for c in chunks]
-    pool = _get_pool()
+    """[fn(*c) for c in chunks], the chunks shared out to the pool (in the caller's thread if one).
+
+    A chunk's BLAS calls run on one thread in every case, the caller's thread included: a
+    multi-threaded OpenBLAS product splits its rows by the thread count, and with some kernel
+    sets (OpenBLAS's Haswell kernels on AMD Zen 3, measured) a row's result depends on where the
+    split puts it, so a one-chunk op would give other bytes on 1 thread (an MPI rank) than on 2."""
     with single_threaded_blas():
-        return list(pool.map(lambda c: fn(*c), chunks))
+        if len(chunks) <= 1 or _workers() == 1:
+            return [fn(*c) for c in chunks]
+        return list(_get_pool().map(lambda c: fn(*c), chunks))
 
 
 def run_sum(fn, chunks):
@@ -121,8 +125,9 @@ def run_sum(fn, chunks):
                 acc += a
 
     if len(chunks) <= 1 or _workers() == 1:
-        for c in chunks:
-            add(fn(*c))
+        with single_threaded_blas():  # as in run: the same bytes on any number of threads
+            for c in chunks:
+                add(fn(*c))
         return tuple(total)
     pool, window = _get_pool(), deque()
     with single_threaded_blas():
