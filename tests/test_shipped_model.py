@@ -46,7 +46,7 @@ needs_lesion_model = pytest.mark.skipif(not DEFAULT_INFECTION_MODEL.exists(), re
 def test_shipped_infection_model_carries_its_post_processing():
     ck = load_checkpoint(DEFAULT_INFECTION_MODEL)
     assert ck.meta["train_config"]["mask"] == "infection" and ck.input_size == 128
-    assert ck.postprocess == {"threshold": 0.4, "min_area": 0.02}  # chosen on the val images
+    assert ck.postprocess == {"threshold": 0.3, "min_area": 0.02}  # chosen on the val images
 
 
 @needs_lesion_model
@@ -56,9 +56,9 @@ def test_shipped_infection_model_on_the_held_out_sample(tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert (s["n_images"], s["n_nonempty"], s["threshold"], s["min_area"]) == (150, 50, 0.4, 0.02)
-    # measured when the model was shipped: dice_nonempty 0.609, fp_image_rate 0.10
-    assert s["dice_nonempty"] > 0.58 and s["fp_image_rate"] < 0.15, s
+    assert (s["n_images"], s["n_nonempty"], s["threshold"], s["min_area"]) == (150, 50, 0.3, 0.02)
+    # measured when the model was shipped: dice_nonempty 0.625, fp_image_rate 0.08
+    assert s["dice_nonempty"] > 0.59 and s["fp_image_rate"] < 0.13, s
 
 
 @needs_lesion_model
