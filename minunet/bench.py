@@ -26,7 +26,6 @@ The timer (``median_ms``), the steppers (``minunet_stepper`` here,
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import statistics
@@ -35,7 +34,7 @@ import time
 import numpy as np
 
 from minunet.kernels import get_backend
-from minunet.kernels.numba.threads import openblas_libraries
+from minunet.kernels.numba.threads import openblas_corename
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
 from minunet.opcases import ADAM, MAXPOOL, SIGMOID_BCE, UPCONV, conv2d, rel_err
@@ -103,17 +102,8 @@ def blas_setting():
     ("unset" when it is not: OpenBLAS then picks by the CPU) and the kernel family NumPy's
     bundled OpenBLAS reports (``openblas_get_corename``; None for a NumPy built on another BLAS).
     The same CPU can run its 'Haswell' (AVX2) or 'SkylakeX' (AVX-512) kernels, at different speeds."""
-    corename = None
-    for lib in openblas_libraries():
-        for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
-            if hasattr(lib, name):
-                fn = getattr(lib, name)
-                fn.restype = ctypes.c_char_p
-                corename = fn().decode()
-                break
-        if corename:
-            break
-    return dict(OPENBLAS_CORETYPE=os.environ.get("OPENBLAS_CORETYPE") or "unset", openblas_corename=corename)
+    return dict(OPENBLAS_CORETYPE=os.environ.get("OPENBLAS_CORETYPE") or "unset",
+                openblas_corename=openblas_corename())
 
 
 def unet_ops(base=16, depth=4, batch=8, size=256, in_channels=1):

@@ -6,7 +6,8 @@ few channels or wide images: ``conv.use_direct``) to the direct kernels, so the 
 (``conv.direct_force``) on small images with 16 or 32 output channels, through
 every edge case: rows and columns whose taps leave the image, widths smaller
 than a register block of pixels, Cin not a multiple of 4 (the one-channel
-weight-gradient kernel), Cin a multiple of 16 (the direct input gradient);
+weight-gradient kernel), Cin a multiple of 16 (the direct input gradient), with
+the register blocks of AVX2 and of AVX-512 machines (bitwise equal to each other);
 then NaN and inf through the direct kernels, and that the checked-in kernel
 source is what its generator writes.
 """
@@ -40,10 +41,10 @@ SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[Healt
 
 shapes = st.tuples(
     st.integers(1, 2),  # N
-    st.sampled_from([1, 2, 3, 4, 5, 8, 16, 17, 32]),  # Cin
+    st.sampled_from([1, 2, 3, 4, 5, 8, 16, 17, 24, 32]),  # Cin (weight-gradient blocks of 16, 8, 4, 1)
     st.sampled_from([16, 32]),  # Cout
     st.integers(1, 9),  # H
-    st.integers(1, 13),  # W (a block is 4 pixels plus the border)
+    st.integers(1, 21),  # W (a block is 4 or 8 pixels plus the border; the last block overlaps)
 )
 
 
@@ -57,21 +58,32 @@ def direct(force):
         conv.direct_force = old
 
 
+@contextmanager
+def variant(name):
+    old = conv.variant_force
+    conv.variant_force = name
+    try:
+        yield
+    finally:
+        conv.variant_force = old
+
+
 def _conv_run(be, x, w, b, dy, relu, need_dx=True):
     y, c = be.conv2d_forward(act_in(be, x), be.asarray(w), be.asarray(b), relu=relu)
     dx, dw, db = be.conv2d_backward(act_in(be, dy), c, need_dx=need_dx)
     return act_out(be, y), (act_out(be, dx) if dx is not None else None), host(be, dw), host(be, db)
 
 
+@pytest.mark.parametrize("blocks", ["narrow", "wide"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("relu", [False, True])
 @SETTINGS
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
-def test_direct_conv2d(dtype, k, relu, shape, seed):
+def test_direct_conv2d(blocks, dtype, k, relu, shape, seed):
     N, Cin, Cout, H, W = shape
     dims = dict(n=N, cin=Cin, cout=Cout, h=H, w=W)
-    with direct(True):
+    with direct(True), variant(blocks):
         assert conv.use_direct(Cin, Cout, k, W) and conv.use_direct_dw(Cin, Cout, k)
         (_, grads), _, _ = check_case("numba", dtype, conv2d(k, relu), dims, seed)
         (_, no_dx), _, _ = check_case("numba", dtype, conv2d(k, relu, need_dx=False), dims, seed)
@@ -99,22 +111,75 @@ def test_direct_conv2d_large_is_deterministic_and_matches_blas(Cin, Cout):
                 assert_close(a[name], bl[name], dtype, name)
 
 
-def test_direct_rule():
-    """conv_direct for few channels at any width and up to 64 outputs from 128 inputs on images at
-    least 64 wide; the direct weight gradient up to 32 outputs from 64 inputs; never for 1x1 or
-    output counts that are not a multiple of 16 (the measured rule in conv.py)."""
+@pytest.mark.parametrize(("Cin", "Cout", "W"), [(16, 16, 258), (32, 16, 131), (24, 32, 77), (5, 16, 64)])
+def test_wide_and_narrow_blocks_give_the_same_bytes(Cin, Cout, W):
+    """The AVX-512 register blocks (8 pixels; 16 or 8 input channels of the weight gradient) and the
+    AVX2 ones (4 pixels; 4 or 1 channels) sum every output in the same order: the forward, the
+    input gradient and the weight gradient are bitwise equal, at widths whose last block overlaps
+    the one before it."""
+    dtype, case = "float32", conv2d(3, relu=True)
+    be = backend("numba", dtype)
+    inputs, upstream = case.make(np.random.default_rng(W), dtype, n=2, cin=Cin, cout=Cout, h=9, w=W)
+    runs = {}
+    for name in ("narrow", "wide"):
+        with direct(True), variant(name):
+            runs[name] = case.run(be, inputs, upstream)
+    for a, b in zip(runs["narrow"], runs["wide"], strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_blocks_follow_the_host():
+    """The wide blocks on a CPU with AVX-512, the narrow ones otherwise; the kernel choice by Cin."""
+    from llvmlite import binding
+
+    assert conv.variant_force is None
+    assert conv.VARIANT == ("wide" if binding.get_host_cpu_features().get("avx512f") else "narrow")
+    with variant("wide"):
+        assert conv.direct_kernel() is conv.conv_direct8
+        assert [conv.dw_kernel(c) for c in (32, 24, 12, 3)] == [
+            conv.conv_dw_direct16, conv.conv_dw_direct8, conv.conv_dw_direct4, conv.conv_dw_direct1]
+    with variant("narrow"):
+        assert conv.direct_kernel() is conv.conv_direct
+        assert [conv.dw_kernel(c) for c in (32, 24, 12, 3)] == [
+            conv.conv_dw_direct4, conv.conv_dw_direct4, conv.conv_dw_direct4, conv.conv_dw_direct1]
+
+
+def test_direct_rule(monkeypatch):
+    """The measured rule in conv.py. Narrow blocks (AVX2): conv_direct for few channels at any width
+    and up to 64 outputs from 128 inputs on images at least 64 wide; the direct weight gradient up
+    to 32 outputs from 64 inputs. Wide blocks (AVX-512): up to 64 outputs (128 when OpenBLAS runs
+    its AVX2 kernels), the weight gradient up to 128 outputs (any). Never for 1x1 or output counts
+    that are not a multiple of 16."""
     assert conv.direct_force is None
-    for cin, cout, w in [(1, 16, 256), (16, 16, 8), (32, 16, 256), (32, 32, 16), (64, 32, 128), (32, 64, 64),
-                         (128, 64, 64), (64, 64, 64)]:
-        assert conv.use_direct(cin, cout, 3, w), (cin, cout, w)
-    for cin, cout, w in [(64, 64, 32), (128, 64, 32), (64, 128, 64), (256, 128, 32), (256, 64, 256),
-                         (16, 8, 256), (16, 1, 256)]:
-        assert not conv.use_direct(cin, cout, 3, w), (cin, cout, w)
-    for cin, cout in [(1, 16), (32, 16), (32, 32), (64, 32)]:
-        assert conv.use_direct_dw(cin, cout, 3)
-    for cin, cout in [(32, 64), (128, 32), (64, 64), (16, 8)]:
-        assert not conv.use_direct_dw(cin, cout, 3)
-    assert not conv.use_direct(16, 16, 1, 256) and not conv.use_direct_dw(16, 16, 1)
+    with variant("narrow"):
+        for cin, cout, w in [(1, 16, 256), (16, 16, 8), (32, 16, 256), (32, 32, 16), (64, 32, 128), (32, 64, 64),
+                             (128, 64, 64), (64, 64, 64)]:
+            assert conv.use_direct(cin, cout, 3, w), (cin, cout, w)
+        for cin, cout, w in [(64, 64, 32), (128, 64, 32), (64, 128, 64), (256, 128, 32), (256, 64, 256),
+                             (16, 8, 256), (16, 1, 256)]:
+            assert not conv.use_direct(cin, cout, 3, w), (cin, cout, w)
+        for cin, cout in [(1, 16), (32, 16), (32, 32), (64, 32)]:
+            assert conv.use_direct_dw(cin, cout, 3)
+        for cin, cout in [(32, 64), (128, 32), (64, 64), (16, 8)]:
+            assert not conv.use_direct_dw(cin, cout, 3)
+        assert not conv.use_direct(16, 16, 1, 256) and not conv.use_direct_dw(16, 16, 1)
+    with variant("wide"):
+        monkeypatch.setattr(conv, "BLAS_AVX512", True)
+        assert conv.use_direct(128, 64, 3, 16) and conv.use_direct(256, 64, 3, 8)
+        assert not conv.use_direct(64, 128, 3, 32) and not conv.use_direct(16, 8, 3, 256)
+        assert conv.use_direct_dw(256, 128, 3) and not conv.use_direct_dw(128, 256, 3)
+        monkeypatch.setattr(conv, "BLAS_AVX512", False)
+        assert conv.use_direct(256, 128, 3, 64) and not conv.use_direct(128, 256, 3, 32)
+        assert conv.use_direct_dw(1024, 1024, 3) and not conv.use_direct_dw(16, 8, 3)
+        assert not conv.use_direct(16, 16, 1, 256) and not conv.use_direct_dw(16, 16, 1)
+
+
+def test_blas_kind_is_read_from_openblas():
+    """BLAS_AVX512 follows the kernel family OpenBLAS reports (OPENBLAS_CORETYPE when set)."""
+    from minunet.kernels.numba import threads
+
+    assert conv.BLAS_AVX512 == (threads.openblas_corename() in conv.AVX512_BLAS_CORES)
 
 
 @IGNORE_INVALID

@@ -8,9 +8,10 @@ Two ways to the same sums, chosen by shape (``use_direct``):
   gradient is the same convolution of dz with the flipped, transposed
   kernel; the weight gradient is a per-chunk col^T @ dz.
 - direct kernels (the upper U-Net levels, where the GEMM is thin and im2col
-  copies the input 9 times; the rule in ``use_direct`` and ``use_direct_dw``,
-  chosen by measurement): a register block of 4 pixels x 16 outputs summed
-  over taps and input channels (forward and input gradient), and of 4 (or 1)
+  copies the input 9 times, and on AVX-512 machines most levels; the rule in
+  ``use_direct`` and ``use_direct_dw``, chosen by measurement): a register
+  block of 4 pixels x 16 outputs (8 on AVX-512) summed over taps and input
+  channels (forward and input gradient), and of 4 (or 1; 16 or 8 on AVX-512)
   input x 16 output channels summed over a chunk's pixels (weight gradient).
   Measured at 8x256x256: 16->16 forward 38 -> 15 ms, backward 94 -> 33 ms.
   Their source is generated (``conv_direct_gen.py``) and checked in
@@ -36,7 +37,15 @@ from numba import njit
 from numba.core.compiler_lock import global_compiler_lock
 
 from minunet.kernels.numba import threads
-from minunet.kernels.numba.conv_direct_kernels import OB, conv_direct, conv_dw_direct1, conv_dw_direct4
+from minunet.kernels.numba.conv_direct_kernels import (
+    OB,
+    conv_direct,
+    conv_direct8,
+    conv_dw_direct1,
+    conv_dw_direct4,
+    conv_dw_direct8,
+    conv_dw_direct16,
+)
 from minunet.kernels.numba.threads import JIT
 
 
@@ -142,39 +151,96 @@ def _conv_rows(x, wmat, k, b, relu, out2d):
 
 # -- direct kernels (few channels) -------------------------------------------------
 
-# The rule, measured per part of each 3x3 conv of the U-Net (base 16, batch 8, 256x256; interleaved
-# medians on this project's 2-core AMD EPYC, benchmarks/README.md): conv_direct (the forward, and the
-# input gradient as a conv from Cout to Cin channels) wins while its outputs are few and the image
-# wide (64->32 @128: 41 vs 81 ms; 128->64 @64: 49 vs 59 ms), BLAS from 128 outputs or at 32x32 and
-# below, where the GEMM is large enough (128->128 @32: 38 vs 25 ms); up to 32 channels in and out
-# it wins at every width (the first rule). The weight-gradient kernel wins up to 32 outputs and
+def _host_has_avx512():
+    """Whether the CPU Numba compiles for has AVX-512 (32 vector registers of 16 float32)."""
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+# The register blocks by vector width (the same sums in the same order, so the same bytes either
+# way; benchmarks/README.md, "AVX-512 register blocks"). "narrow" (AVX2, 16 registers of 8 float32):
+# 4 pixels x 16 outputs, weight gradient 4 inputs x 16 outputs, 8 registers each. "wide"
+# (AVX-512): 8 pixels x 16 outputs and 16 inputs x 16 outputs, 8 and 16 of its 32 registers; with
+# the narrow blocks an AVX-512 machine has 4 accumulators, too few to hide the FMA latency.
+# Measured at 8x256x256 on a Zen 5: 16->16 forward 14.1 -> 9.8 ms, weight gradient 13.8 -> 8.1 ms.
+VARIANT = "wide" if _host_has_avx512() else "narrow"
+variant_force = None  # None: by the host; "narrow" or "wide" (tests)
+
+
+def _variant():
+    return variant_force or VARIANT
+
+
+def direct_kernel():
+    """The forward (and input-gradient) kernel of this machine's register blocks."""
+    return conv_direct8 if _variant() == "wide" else conv_direct
+
+
+def dw_kernel(Cin):
+    """The weight-gradient kernel for Cin input channels: the widest block of input channels that
+    divides Cin (16, 8 on AVX-512; 4) or one channel at a time."""
+    blocks = ((16, conv_dw_direct16), (8, conv_dw_direct8)) if _variant() == "wide" else ()
+    for cb, kernel in blocks + ((4, conv_dw_direct4),):
+        if Cin % cb == 0:
+            return kernel
+    return conv_dw_direct1
+
+
+# The rule: which parts of a 3x3 conv go to the direct kernels rather than to im2col + BLAS, by
+# measurement (interleaved medians, every 3x3 conv of the U-Net at base 16 and 32; tables in
+# benchmarks/README.md). It depends on both sides: this machine's register blocks and the GEMM
+# kernels OpenBLAS runs. A conv "as run" has Cout outputs: the input gradient is a conv from the
+# layer's Cout to its Cin channels, so there the rule sees Cin as the outputs.
+#
+# narrow blocks (AVX2; measured on a Zen 3, where OpenBLAS runs its Haswell kernels): conv_direct
+# wins while its outputs are few and the image wide (64->32 @128: 41 vs 81 ms; 128->64 @64: 49 vs
+# 59 ms), BLAS from 128 outputs or at 32x32 and below (128->128 @32: 38 vs 25 ms); up to 32
+# channels in and out it wins at every width. The weight-gradient kernel wins up to 32 outputs and
 # 64 inputs (64->32 @128: 73 vs 88 ms; 32->64 @64: 21 vs 14 ms).
 DIRECT_FEW = 32
 DIRECT_MAX_OUT, DIRECT_MAX_IN, DIRECT_MIN_W = 64, 128, 64
 DW_DIRECT_MAX_OUT, DW_DIRECT_MAX_IN = 32, 64
+# wide blocks (AVX-512; measured on a Zen 5): with OpenBLAS's AVX-512 kernels (SkylakeX and
+# later) the direct kernels win up to 64 outputs at any level (128->64 @64: 19 vs 22 ms; 64->128
+# @32: 5.4 vs 4.5), the weight gradient up to 128 outputs (256->128 @32: 14.5 vs 16.1; 128->256
+# @16: 5.0 vs 4.2); with its AVX2 kernels (OPENBLAS_CORETYPE=Haswell) the forward wins up to 128
+# outputs (256->128 @64: 81 vs 114 ms; 128->256 @32: 30 vs 25) and the weight gradient at every
+# shape measured (1024->512 @32, batch 4: 162 vs 575 ms).
+WIDE_MAX_OUT = {True: 64, False: 128}  # by BLAS_AVX512
+WIDE_DW_MAX_OUT = {True: 128, False: None}  # None: no limit
+AVX512_BLAS_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+BLAS_AVX512 = threads.openblas_corename() in AVX512_BLAS_CORES
 direct_force = None  # None: the rule; True/False: always/never the direct path where the blocks fit (tests)
 
 
 def use_direct(Cin, Cout, k, W):
     """conv_direct for a k x k conv of Cin to Cout channels on rows W pixels wide: k > 1, Cout a
-    multiple of OB (16), and (by the rule, unless forced) Cin, Cout <= 32, or Cout <= 64,
-    Cin <= 128 and W >= 64."""
+    multiple of OB (16), and (by the rule above, unless forced) with the narrow blocks Cin, Cout
+    <= 32, or Cout <= 64, Cin <= 128 and W >= 64; with the wide blocks Cout <= 64 (OpenBLAS on
+    AVX-512 kernels) or <= 128 (on AVX2 kernels)."""
     if k == 1 or Cout % OB:
         return False
     if direct_force is not None:
         return direct_force
+    if _variant() == "wide":
+        return Cout <= WIDE_MAX_OUT[BLAS_AVX512]
     if Cin <= DIRECT_FEW and Cout <= DIRECT_FEW:
         return True
     return Cout <= DIRECT_MAX_OUT and Cin <= DIRECT_MAX_IN and W >= DIRECT_MIN_W
 
 
 def use_direct_dw(Cin, Cout, k):
-    """The direct weight-gradient kernel: k > 1, Cout a multiple of OB, and (by the rule, unless
-    forced) Cout <= 32 and Cin <= 64."""
+    """The direct weight-gradient kernel: k > 1, Cout a multiple of OB, and (by the rule above,
+    unless forced) with the narrow blocks Cout <= 32 and Cin <= 64; with the wide blocks Cout <=
+    128 (OpenBLAS on AVX-512 kernels) or any (on AVX2 kernels)."""
     if k == 1 or Cout % OB:
         return False
     if direct_force is not None:
         return direct_force
+    if _variant() == "wide":
+        cap = WIDE_DW_MAX_OUT[BLAS_AVX512]
+        return cap is None or Cout <= cap
     return Cout <= DW_DIRECT_MAX_OUT and Cin <= DW_DIRECT_MAX_IN
 
 
@@ -208,9 +274,10 @@ def _conv_direct_rows(x, wt, b, relu, y):
     x (N,H,W,Cin) NHWC; wt (k,k,Cin,Cout), wt[i,j,c,o] = w[o,c,i,j]; b (Cout,)."""
     N, H, W, Cin = x.shape
     relu = bool(relu)
-    compile_with_slp(conv_direct, x, wt, b, relu, y, 0, 1)
+    kernel = direct_kernel()
+    compile_with_slp(kernel, x, wt, b, relu, y, 0, 1)
     per = max(1, threads.ELEMS // (W * max(Cin, wt.shape[3])))
-    threads.run(lambda r0, r1: conv_direct(x, wt, b, relu, y, r0, r1), threads.ranges(N * H, per))
+    threads.run(lambda r0, r1: kernel(x, wt, b, relu, y, r0, r1), threads.ranges(N * H, per))
 
 
 # -- gradients --------------------------------------------------------------------
@@ -252,7 +319,7 @@ def _conv_grads(x, dy2d, y2d, k, dz2d):
     if direct:  # about 2**18 values of x and dz rows per chunk (1 MB in float32; measured 16-32 rows best at W 256)
         per = max(1, threads.ELEMS // (W * (Cin + Cout)))
         dz4d = dz2d.reshape(N, H, W, Cout)
-        dwk = conv_dw_direct4 if Cin % 4 == 0 else conv_dw_direct1
+        dwk = dw_kernel(Cin)
         compile_with_slp(dwk, x, dz4d, k, np.zeros((k, k, Cin, Cout), x.dtype), 0, 1)
     else:
         per = max(1, threads.COL_ELEMS // (W * K))

@@ -17,35 +17,48 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PB = 4  # output pixels per register block (forward and input gradient)
+# The forward kernels (also the input gradient): name -> pixels per register block. 4 x 16
+# accumulators fill half of AVX2's 16 vector registers (6 pixels were slower there); AVX-512 has
+# 32, and with only 4 accumulators its FMAs wait on each other (latency 4, two per cycle), so the
+# 8-pixel block is for AVX-512 machines. (One kernel with blocks of 8 and then 4 was measured 4x
+# slower than either alone: LLVM's SLP vectoriser left both blocks half scalar.)
+FWD_BLOCKS = {"conv_direct": 4, "conv_direct8": 8}
 OB = 16  # output channels per register block: one AVX-512 register of float32 (two AVX2)
-DW_CB = (4, 1)  # input channels per register block of the weight-gradient kernels (Cin % 4 == 0, or any)
+# input channels per register block of the weight-gradient kernels (Cin % CB == 0); 16 and 8: AVX-512
+DW_CB = (16, 8, 4, 1)
 
 OUTPUT = Path(__file__).with_name("conv_direct_kernels.py")
 
 
 def lines(ind, fmt, **ranges):
-    """One line per combination of the ranges' values, e.g. lines(4, "a{q}_{o} = 0", q=2, o=3)."""
-    combos = [{}]
+    """One line per combination of the ranges' values, e.g. lines(4, "a{q}_{o} = 0", q=2, o=3);
+    a str value is the same in every line (lines(4, "{t}a{q} = 0", q=2, t="b4"))."""
+    combos = [{key: v for key, v in ranges.items() if isinstance(v, str)}]  # a str is a fixed value
     for key, n in ranges.items():
-        combos = [{**c, key: v} for c in combos for v in range(n)]
+        if not isinstance(n, str):
+            combos = [{**c, key: v} for c in combos for v in range(n)]
     return "\n".join(" " * ind + fmt.format(**c) for c in combos)
 
 
-def fwd_source(PB, OB):
-    """Source of conv_direct (forward, and the input gradient with the flipped kernel)."""
+def fwd_source(name, PB, OB):
+    """Source of a forward kernel (also the input gradient, with the flipped kernel): register
+    blocks of PB pixels x OB channels."""
     return f'''
 @njit(**JIT)
-def conv_direct(x, wt, b, relu, y, r0, r1):
+def {name}(x, wt, b, relu, y, r0, r1):
     """y = conv(x, wt) + b (then ReLU) for image rows r = n*H + h in [r0, r1).
 
     x (N,H,W,Cin) NHWC; wt (k,k,Cin,Cout), wt[i,j,c,o] = w[o,c,i,j]; b (Cout,);
     y (N,H,W,Cout); Cout a multiple of {OB}. For output pixel (h, w) and channel o:
         y[n,h,w,o] = b[o] + sum_{{i,j,c}} xpad[n, h+i-p, w+j-p, c] * wt[i,j,c,o],  p = k//2.
     Register block: {PB} neighbouring pixels x {OB} channels (a{{q}}_{{o}}); per (tap, c)
-    one row wt[i,j,c,ob:ob+{OB}] (u{{o}}) times {PB} input values (v{{q}}). Pixels whose
-    taps leave the image (the first and last p of a row) take the one-pixel
-    loop with the tap range clipped; rows outside the image are skipped."""
+    one row wt[i,j,c,ob:ob+{OB}] (u{{o}}) times {PB} input values (v{{q}}). The blocks tile
+    the row's interior [p, W-p) from the left; the last one is moved left to end at
+    W-p, computing a few pixels a second time (the same sums in the same order, so the
+    same values). Pixels whose taps leave the image (the first and last p of a row, or
+    a whole row narrower than a block) take the one-pixel loop with the tap range
+    clipped; rows outside the image are skipped. Every output is summed in the same
+    order (i, j, c) whatever its path, so the block size never changes a result."""
     N, H, W, Cin = x.shape
     k = wt.shape[0]
     Cout = wt.shape[3]
@@ -54,6 +67,7 @@ def conv_direct(x, wt, b, relu, y, r0, r1):
     wf = wt.reshape(wt.size)
     yf = y.reshape(y.size)
     zero = np.zeros(1, y.dtype)[0]
+    blocks = W - 2 * p >= {PB}
 {lines(4, "K{o} = np.uint64({o})", o=OB)}
 {lines(4, "Q{q} = np.uint64({q} * Cin)", q=PB)}
 {lines(4, "R{q} = np.uint64({q} * Cout)", q=PB)}
@@ -63,7 +77,8 @@ def conv_direct(x, wt, b, relu, y, r0, r1):
         for ob in range(0, Cout, {OB}):
             w0 = 0
             while w0 < W:
-                if w0 >= p and w0 + {PB} + p <= W:
+                if blocks and p <= w0 < W - p:
+                    w0 = min(w0, W - p - {PB})
 {lines(20, "a{q}_{o} = b[ob + {o}]", q=PB, o=OB)}
                     for i in range(k):
                         hs = h + i - p
@@ -170,7 +185,6 @@ vector loads into gathers).
 import numpy as np
 from numba import njit
 
-PB = {PB}  # output pixels per register block of conv_direct
 OB = {OB}  # output channels per register block: Cout must be a multiple
 
 # fastmath 'contract' only: a*b + c may become one FMA (no reassociation, no other
@@ -181,7 +195,8 @@ JIT = dict(cache=True, fastmath={{"contract"}}, nogil=True)
 
 def source() -> str:
     """The whole text of conv_direct_kernels.py."""
-    return HEADER + "\n" + fwd_source(PB, OB) + "".join("\n" + dw_source(cb, OB) for cb in DW_CB)
+    fwd = "".join("\n" + fwd_source(name, pb, OB) for name, pb in FWD_BLOCKS.items())
+    return HEADER + fwd + "".join("\n" + dw_source(cb, OB) for cb in DW_CB)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,18 @@ def openblas_libraries():
             continue
 
 
+def openblas_corename():
+    """The kernel family NumPy's bundled OpenBLAS runs ('Haswell', 'SkylakeX', ...; it follows
+    ``OPENBLAS_CORETYPE`` when set, the CPU otherwise), or None for a NumPy built on another BLAS."""
+    for lib in openblas_libraries():
+        for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+            if hasattr(lib, name):
+                fn = getattr(lib, name)
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return None
+
+
 def _find_openblas():
     """ctypes handles (get, set) of the thread count of NumPy's bundled OpenBLAS, or None."""
     for lib in openblas_libraries():
