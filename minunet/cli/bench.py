@@ -72,10 +72,15 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, w
     blas = lib.blas_setting()
     sgemm = lib.sgemm_ceiling() if be.name != "cupy" else None  # a CPU product is no ceiling for a GPU
     ceiling = sgemm["gflops"] if sgemm else None
-    result = {"backend": be.name, "base": base, "depth": depth, "size": size, "blas": blas, "sgemm": sgemm}
+    from minunet.kernels.numba import conv as numba_conv
+
+    blocks = numba_conv.VARIANT  # the numba direct kernels' register blocks: "wide" (AVX-512) or "narrow"
+    result = {"backend": be.name, "base": base, "depth": depth, "size": size, "blas": blas, "sgemm": sgemm,
+              "numba_direct_blocks": blocks}
     if not as_json:
         click.echo(f"OpenBLAS: OPENBLAS_CORETYPE {blas['OPENBLAS_CORETYPE']}, "
-                   f"kernels {blas['openblas_corename'] or 'unknown (not NumPy-bundled OpenBLAS)'}")
+                   f"kernels {blas['openblas_corename'] or 'unknown (not NumPy-bundled OpenBLAS)'}; "
+                   f"numba direct kernels: {blocks} blocks ({'AVX-512' if blocks == 'wide' else 'AVX2'})")
         if sgemm:
             click.echo(f"sgemm ceiling: {sgemm['gflops']:.1f} GFLOP/s ({sgemm['n']}x{sgemm['n']} float32 np.dot, "
                        f"{sgemm['ms']:.1f} ms, median of 5)")
