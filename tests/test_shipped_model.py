@@ -57,7 +57,7 @@ def test_shipped_infection_model_on_the_held_out_sample(tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert (s["n_images"], s["n_nonempty"], s["threshold"], s["min_area"]) == (150, 50, 0.3, 0.02)
-    # measured when the model was shipped: dice_nonempty 0.625, fp_image_rate 0.08
+    # measured when the model was shipped (v3): dice_nonempty 0.617, fp_image_rate 0.07
     assert s["dice_nonempty"] > 0.59 and s["fp_image_rate"] < 0.13, s
 
 
