@@ -31,12 +31,10 @@ OUTPUT = Path(__file__).with_name("conv_direct_kernels.py")
 
 
 def lines(ind, fmt, **ranges):
-    """One line per combination of the ranges' values, e.g. lines(4, "a{q}_{o} = 0", q=2, o=3);
-    a str value is the same in every line (lines(4, "{t}a{q} = 0", q=2, t="b4"))."""
-    combos = [{key: v for key, v in ranges.items() if isinstance(v, str)}]  # a str is a fixed value
+    """One line per combination of the ranges' values, e.g. lines(4, "a{q}_{o} = 0", q=2, o=3)."""
+    combos = [{}]
     for key, n in ranges.items():
-        if not isinstance(n, str):
-            combos = [{**c, key: v} for c in combos for v in range(n)]
+        combos = [{**c, key: v} for c in combos for v in range(n)]
     return "\n".join(" " * ind + fmt.format(**c) for c in combos)
 
 
