@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit
 from numba.core.compiler_lock import global_compiler_lock
 
-from minunet.kernels.numba import threads
+from minunet.kernels.numba import conv_shifted, threads
 from minunet.kernels.numba.conv_direct_kernels import (
     OB,
     conv_direct,
@@ -244,6 +244,36 @@ def use_direct_dw(Cin, Cout, k):
     return Cout <= DW_DIRECT_MAX_OUT and Cin <= DW_DIRECT_MAX_IN
 
 
+# shifted GEMMs (conv_shifted.py) in place of im2col + BLAS on the low-resolution levels, where
+# im2col's row chunks make thin GEMMs. Measured on a Zen 5 with OpenBLAS's SkylakeX kernels, batch
+# 4, ms (im2col -> shifted): forward 1024->1024 @16 111 -> 91, 1024->512 @32 162 -> 106, 512->256
+# @64 114 -> 96, level at 256->256 @64 (48) and 128->128 @128 (54 -> 58); weight gradient
+# 1024->1024 @16 141 -> 54, 1024->512 @32 259 -> 99, 512->512 @32 59 -> 49, but 256->256 @64
+# 50 -> 59 and 128->128 @128 52 -> 77.
+SHIFTED_MAX_W, SHIFTED_DW_MAX_W = 64, 32
+shifted_force = None  # None: the rule; True/False: always/never the shifted path where im2col would run (tests)
+
+
+def use_shifted(Cin, Cout, k, W):
+    """conv_shifted in place of im2col + BLAS for a k x k conv (forward or input gradient) on rows W
+    pixels wide: k > 1, not a direct-kernel shape, and (by the rule above, unless forced) W <= 64."""
+    if k == 1 or use_direct(Cin, Cout, k, W):
+        return False
+    if shifted_force is not None:
+        return shifted_force
+    return W <= SHIFTED_MAX_W
+
+
+def use_shifted_dw(Cin, Cout, k, W):
+    """The shifted weight gradient in place of im2col's: k > 1, not a direct-kernel shape, and (by the
+    rule above, unless forced) W <= 32."""
+    if k == 1 or use_direct_dw(Cin, Cout, k):
+        return False
+    if shifted_force is not None:
+        return shifted_force
+    return W <= SHIFTED_DW_MAX_W
+
+
 def compile_with_slp(kernel, *args):
     """Compile kernel for these arguments' types (or load it from the cache) with LLVM's SLP
     vectoriser switched on, before the pool's threads call it.
@@ -345,6 +375,61 @@ def _conv_grads(x, dy2d, y2d, k, dz2d):
     return threads.run_sum(chunk, threads.ranges(N * H, per))
 
 
+# -- weight layouts --------------------------------------------------------------------
+# The model keeps PyTorch's (Cout, Cin, k, k); the kernels read (k, k, Cin, Cout). NumPy's strided
+# transpose of a 1024 x 1024 x 3 x 3 weight took 35 ms (and 55 ms back for its gradient), a
+# tenth of that conv's step; these tiled copies on the pool take a few ms.
+
+TILE = 16
+
+
+@njit(**JIT)
+def _to_taps(w, out, o0, o1):
+    """out[i, j, c, o] = w[o, c, i, j] for o in [o0, o1), in tiles of TILE x TILE (o, c):
+    w (Cout, Cin, k, k), out (k, k, Cin, Cout)."""
+    _, Cin, k, _ = w.shape
+    for ob in range(o0, o1, TILE):
+        oe = min(ob + TILE, o1)
+        for cb in range(0, Cin, TILE):
+            ce = min(cb + TILE, Cin)
+            for i in range(k):
+                for j in range(k):
+                    for c in range(cb, ce):
+                        for o in range(ob, oe):
+                            out[i, j, c, o] = w[o, c, i, j]
+
+
+@njit(**JIT)
+def _from_taps(wt, out, o0, o1):
+    """out[o, c, i, j] = wt[i, j, c, o] for o in [o0, o1) (the inverse of _to_taps)."""
+    k, _, Cin, _ = wt.shape
+    for ob in range(o0, o1, TILE):
+        oe = min(ob + TILE, o1)
+        for cb in range(0, Cin, TILE):
+            ce = min(cb + TILE, Cin)
+            for o in range(ob, oe):
+                for c in range(cb, ce):
+                    for i in range(k):
+                        for j in range(k):
+                            out[o, c, i, j] = wt[i, j, c, o]
+
+
+def to_taps(w, dtype):
+    """w (Cout, Cin, k, k) -> (k, k, Cin, Cout) in dtype, contiguous."""
+    w = np.ascontiguousarray(w, dtype=dtype)
+    out = np.empty(w.shape[2:] + w.shape[1::-1], dtype)
+    threads.run(lambda o0, o1: _to_taps(w, out, o0, o1), threads.ranges(w.shape[0], 4 * TILE))
+    return out
+
+
+def from_taps(wt, dtype):
+    """wt (k, k, Cin, Cout) -> (Cout, Cin, k, k) in dtype, contiguous."""
+    wt = np.ascontiguousarray(wt, dtype=dtype)
+    out = np.empty(wt.shape[3:1:-1] + wt.shape[:2], dtype)
+    threads.run(lambda o0, o1: _from_taps(wt, out, o0, o1), threads.ranges(wt.shape[3], 4 * TILE))
+    return out
+
+
 # -- the ops -------------------------------------------------------------------------
 
 
@@ -358,18 +443,36 @@ def conv2d_forward(x, w, b, relu=False):
     Cout, _, k, _ = w.shape
     y = np.empty((N, H, W, Cout), x.dtype)
     b = np.ascontiguousarray(b, dtype=x.dtype)
+    wt = to_taps(w, x.dtype)  # (k, k, Cin, Cout)
     if use_direct(Cin, Cout, k, W):
-        _conv_direct_rows(x, np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=x.dtype), b, relu, y)
+        _conv_direct_rows(x, wt, b, relu, y)
+    elif use_shifted(Cin, Cout, k, W):
+        conv_shifted.conv(x, wt, b, relu, y)
     else:
-        wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * Cin, Cout), dtype=x.dtype)
-        _conv_rows(x, wmat, k, b, relu, y.reshape(N * H * W, Cout))
+        _conv_rows(x, wt.reshape(k * k * Cin, Cout), k, b, relu, y.reshape(N * H * W, Cout))
     return y, ConvCache(x, w, y if relu else None)
+
+
+def _dz_and_db(dy2d, y2d, dz2d):
+    """dz = dy * [y > 0] into dz2d (or dz = dy when y2d is None: dz2d is dy2d) and db (float64) =
+    the column sums of dz, by chunks of rows added in chunk order. dy2d, y2d, dz2d (P, Cout)."""
+    P, Cout = dy2d.shape
+
+    def chunk(lo, hi):
+        db = np.empty(Cout, np.float64)
+        if y2d is not None:
+            _relu_mask_colsum(dy2d[lo:hi], y2d[lo:hi], dz2d[lo:hi], db)
+        else:
+            colsum(dz2d[lo:hi], db)
+        return (db,)
+
+    return threads.run_sum(chunk, threads.ranges(P, max(1, threads.ELEMS // Cout)))[0]
 
 
 def conv2d_backward(dy, cache, need_dx=True):
     """dz = dy * [y > 0] (fused ReLU) or dy;
         db[o]       = sum_{n,h,w} dz[n,h,w,o]
-        dw[o,c,i,j] = sum_{n,h,w} dz[n,h,w,o] * xpad[n,h+i,w+j,c]   (col^T @ dz)
+        dw[o,c,i,j] = sum_{n,h,w} dz[n,h,w,o] * xpad[n,h+i,w+j,c]   (col^T @ dz, or conv_shifted's taps)
         dx          = conv(dz, w') with w'[c,o,i,j] = w[o,c,k-1-i,k-1-j]   (the adjoint, pad k//2).
     dy (N,H,W,Cout) -> (dx (N,H,W,Cin) or None, dw (Cout,Cin,k,k), db (Cout))."""
     x, w, y = cache
@@ -377,21 +480,33 @@ def conv2d_backward(dy, cache, need_dx=True):
     Cout, _, k, _ = w.shape
     P = N * H * W
     dy2d = np.ascontiguousarray(dy).reshape(P, Cout)
-    if y is not None:
-        dz2d = np.empty((P, Cout), x.dtype)
-        dwmat, db = _conv_grads(x, dy2d, y.reshape(P, Cout), k, dz2d)
+    y2d = None if y is None else y.reshape(P, Cout)
+    dz2d = dy2d if y is None else np.empty((P, Cout), x.dtype)
+    _, S, R, M, _ = conv_shifted.geometry(N, H, W, k)
+    Bdz = None  # dz in the shifted layout, when a shifted part made it
+    shifted = use_shifted_dw(Cin, Cout, k, W)
+    if shifted:
+        Bx, shifted = conv_shifted.to_layout(x, k)  # a non-finite x takes im2col (conv_shifted's docstring)
+    if shifted:
+        db = _dz_and_db(dy2d, y2d, dz2d)
+        Bdz, _ = conv_shifted.to_layout(dz2d.reshape(N, H, W, Cout), k)
+        dwmat = conv_shifted.weight_grad(Bx, Bdz, k, S, M).reshape(k * k * Cin, Cout)
+        del Bx
     else:
-        dz2d = dy2d
-        dwmat, db = _conv_grads(x, dy2d, None, k, dz2d)
-    dw = np.ascontiguousarray(dwmat.reshape(k, k, Cin, Cout).transpose(3, 2, 0, 1)).astype(w.dtype, copy=False)
+        dwmat, db = _conv_grads(x, dy2d, y2d, k, dz2d)
+    dw = from_taps(dwmat.reshape(k, k, Cin, Cout), w.dtype)
     dx = None
     if need_dx:
         # flipped kernel: wflip[(i,j,o), c] = w[o, c, k-1-i, k-1-j]
         wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1), x.dtype)  # (k,k,Cout,Cin)
         dx = np.empty((N, H, W, Cin), x.dtype)
+        dz4d = dz2d.reshape(N, H, W, Cout)
         if use_direct(Cout, Cin, k, W):
-            _conv_direct_rows(dz2d.reshape(N, H, W, Cout), wflip, np.zeros(Cin, x.dtype), False, dx)
+            _conv_direct_rows(dz4d, wflip, np.zeros(Cin, x.dtype), False, dx)
+        elif use_shifted(Cout, Cin, k, W):
+            if Bdz is None:
+                Bdz, _ = conv_shifted.to_layout(dz4d, k)
+            conv_shifted.from_layout(conv_shifted.forward(Bdz, wflip, S, M), S, R, None, False, dx)
         else:
-            _conv_rows(dz2d.reshape(N, H, W, Cout), wflip.reshape(k * k * Cout, Cin), k, None, False,
-                       dx.reshape(P, Cin))
+            _conv_rows(dz4d, wflip.reshape(k * k * Cout, Cin), k, None, False, dx.reshape(P, Cin))
     return dx, dw, db.astype(w.dtype)
