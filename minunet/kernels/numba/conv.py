@@ -1,6 +1,6 @@
 """Convolution, k x k (k odd, zero padding k//2, stride 1), on NHWC activations.
 
-Two ways to the same sums, chosen by shape (``use_direct``):
+Three ways to the same sums, chosen by shape (``use_direct``, ``use_shifted``):
 - im2col + GEMM (most shapes): per chunk of image rows, the columns of the
   chunk go into a per-thread buffer of about 2 MB (it stays in cache), one
   GEMM writes the output rows, and bias and ReLU are fused in one pass over
@@ -16,6 +16,9 @@ Two ways to the same sums, chosen by shape (``use_direct``):
   Measured at 8x256x256: 16->16 forward 38 -> 15 ms, backward 94 -> 33 ms.
   Their source is generated (``conv_direct_gen.py``) and checked in
   (``conv_direct_kernels.py``).
+- shifted GEMMs (``conv_shifted.py``; images up to 64 pixels wide, where
+  im2col's 2 MB chunks are one or a few image rows and each GEMM thin): k*k
+  GEMMs with all the pixels as rows, on shifted views of one padded copy.
 
 NaN and inf propagate through the sums (the NaN rule in ``kernels/base.py``).
 Only where a non-finite value meets the zero padding does the formulation
