@@ -200,18 +200,30 @@ def op_table(backend="numba", base=16, depth=4, batch=8, size=256, repeats=5, pr
     be = get_backend(backend, "float32") if isinstance(backend, str) else backend
     ref = NumpyBackend("float32")
     rng = np.random.default_rng(seed)
-    rows = []
-    for case, dims, count in unet_ops(base, depth, batch, size):
+    # Every op is validated first and timed afterwards: the validation's reference runs NumPy's
+    # multi-threaded OpenBLAS, whose worker threads spin for a while after each product and took a
+    # core from the op timed right after it (the forwards measured up to 2x slow that way).
+    rows, ops = [], list(unet_ops(base, depth, batch, size))
+    for case, dims, count in ops:
         row = dict(op=_label(case, dims), count=count)
         if progress:
-            progress(f"op {row['op']}")
+            progress(f"validate {row['op']}")
         try:
             row.update(_validate(be, ref, case, dims, rng))
             row["ok"] = row["max_rel_err"] <= FLOAT32_RTOL
-            row.update(_time(be, case, dims, rng, repeats, budget_s))
         except Exception as exc:  # report and go on: one broken op must not hide the rest
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
         rows.append(row)
+    time.sleep(0.5)  # past the spin of OpenBLAS's threads after the last validation
+    for (case, dims, _), row in zip(ops, rows, strict=True):
+        if "error" in row:
+            continue
+        if progress:
+            progress(f"time {row['op']}")
+        try:
+            row.update(_time(be, case, dims, rng, repeats, budget_s))
+        except Exception as exc:
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
     return rows
 
 

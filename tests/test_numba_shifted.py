@@ -106,7 +106,8 @@ def test_shifted_is_deterministic_on_any_thread_count_and_matches_im2col(Cin, Co
     inputs["w"] *= 0.3
     upstream = case.comparable(inputs, upstream)  # the two paths sum in different orders
     with shifted(True):
-        assert len(conv_shifted.row_chunks(conv_shifted.geometry(3, W - 3, W, 3)[3])) >= 2
+        _, S, R, _, _ = conv_shifted.geometry(3, W - 3, W, 3)
+        assert len(conv_shifted.row_chunks(3 * R, S * Cout)) >= 2
         first, again = case.run(be, inputs, upstream), case.run(be, inputs, upstream)
         old = threads._workers()
         threads.set_threads(1)

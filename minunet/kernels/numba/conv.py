@@ -509,7 +509,7 @@ def conv2d_backward(dy, cache, need_dx=True):
         elif use_shifted(Cout, Cin, k, W):
             if Bdz is None:
                 Bdz, _ = conv_shifted.to_layout(dz4d, k)
-            conv_shifted.from_layout(conv_shifted.forward(Bdz, wflip, S, M), S, R, None, False, dx)
+            conv_shifted.conv_layout(Bdz, wflip, S, R, None, False, dx)
         else:
             _conv_rows(dz4d, wflip.reshape(k * k * Cout, Cin), k, None, False, dx.reshape(P, Cin))
     return dx, dw, db.astype(w.dtype)

@@ -31,10 +31,11 @@ ceiling). The weight gradient is k*k GEMMs the other way round, with dz in the s
 
 and the input gradient is the forward of dz's layout with the flipped kernel.
 
-Threads and determinism: the forward cuts O into row chunks, each summing its taps in tap
-order; the weight gradient runs one chunk per (tap, block of output columns). No chunk adds to
-another's output, the boundaries depend on the shapes alone, and a chunk's BLAS runs on one
-thread (``threads.run``), so the same inputs give the same bytes on any number of threads.
+Threads and determinism: the forward cuts O into chunks of whole padded rows, each summing its
+taps in tap order in per-thread scratch and writing its real outputs to y; the weight gradient
+runs one chunk per (tap, block of output columns). No chunk adds to another's output, the
+boundaries depend on the shapes alone, and a chunk's BLAS runs on one thread (``threads.run``),
+so the same inputs give the same bytes on any number of threads.
 
 NaN and inf (the rule in ``kernels/base.py``): the forward and the input gradient multiply the
 zero padding as im2col does. The weight gradient would also multiply x by the zero gradient of
@@ -50,8 +51,6 @@ from numba import njit
 
 from minunet.kernels.numba import threads
 from minunet.kernels.numba.threads import JIT
-
-ROWS_PER_CHUNK = 1536  # about: forward row chunks of ~768-1536 output pixels (an even count of chunks)
 
 
 def geometry(N, H, W, k):
@@ -96,67 +95,72 @@ def to_layout(x, k):
     return B, all(flags)
 
 
-def row_chunks(M):
-    """Forward chunks of O's rows: an even number (two threads share them evenly) of about
-    ROWS_PER_CHUNK / 2 to ROWS_PER_CHUNK rows, by the shape alone."""
-    n = 2 * max(1, round(M / ROWS_PER_CHUNK))
-    return threads.ranges(M, -(-M // n))
+def row_chunks(total, row_elems):
+    """The forward's chunks: ranges of whole padded rows (of total = N*R) whose outputs fill about
+    threads.COL_ELEMS values (row_elems per row), an even number of them when there are two or more
+    rows (two threads share them evenly), by the shape alone."""
+    per = max(1, threads.COL_ELEMS // row_elems)
+    n = -(-total // per)
+    n = min(total, n + n % 2)
+    return threads.ranges(total, -(-total // n))
 
 
-def forward(B, wt, S, M):
-    """O (M, Cout) = sum_{i,j} B[i*S+j : i*S+j+M] @ wt[i, j], the taps added in order (i, j).
-    B (T, C) in the layout, wt (k, k, C, Cout)."""
-    k, Cout = wt.shape[0], wt.shape[3]
-    rows = np.empty((M, Cout), B.dtype)
+@njit(**JIT)
+def _epilogue(acc, r0, r1, S, R, b, relu, y):
+    """y[n, h, :, :] from acc ((r1-r0)*S, C), the outputs of padded rows r0..r1-1: row r is image
+    r // R, row r % R, a real row when that is < H, whose first W outputs are real; + b (length 0:
+    none), then max(., 0) when relu (NaN stays NaN)."""
+    N, H, W, C = y.shape
+    has_b = b.shape[0] > 0
+    for r in range(r0, r1):
+        n = r // R
+        h = r - n * R
+        if h >= H:
+            continue
+        base = (r - r0) * S
+        for w in range(W):
+            for c in range(C):
+                v = acc[base + w, c]
+                if has_b:
+                    v += b[c]
+                if relu and v < 0:
+                    v = 0
+                y[n, h, w, c] = v
 
-    def chunk(lo, hi):
-        out = rows[lo:hi]
-        tmp = threads.tls_buffer((hi - lo, Cout), B.dtype)
+
+def conv_layout(B, wt, S, R, b, relu, y):
+    """y (N,H,W,Cout) = the real outputs of O = sum_{i,j} B[i*S+j : i*S+j+M] @ wt[i, j] (+ b, then
+    ReLU), the taps added in order (i, j). B (T, C) in the layout, wt (k, k, C, Cout), b (Cout,) or
+    None. Per chunk of padded rows, O's rows go to per-thread scratch (about 2 MB, in cache) and
+    straight on to y: O is never whole in memory."""
+    N, H, W, Cout = y.shape
+    k = wt.shape[0]
+    bb = np.zeros(0, y.dtype) if b is None else b
+    relu = bool(relu)
+
+    def chunk(r0, r1):
+        lo, hi = r0 * S, r1 * S
+        acc = threads.tls_buffer((hi - lo, Cout), B.dtype, "acc")
+        tmp = threads.tls_buffer((hi - lo, Cout), B.dtype, "tmp")
         for t in range(k * k):
             i, j = divmod(t, k)
             a = B[lo + i * S + j : hi + i * S + j]
             if t == 0:
-                np.dot(a, wt[i, j], out=out)
+                np.dot(a, wt[i, j], out=acc)
             else:
                 np.dot(a, wt[i, j], out=tmp)
-                out += tmp
+                acc += tmp
+        _epilogue(acc, r0, r1, S, R, bb, relu, y)
 
-    threads.run(chunk, row_chunks(M))
-    return rows
-
-
-@njit(**JIT)
-def _from_layout(rows, S, R, b, relu, y, n0, n1):
-    """y[n, h, w, :] = rows[(n*R + h)*S + w, :] (+ b, then max(., 0) when relu; NaN stays NaN) for the
-    images n0..n1-1; b has length 0 for no bias."""
-    N, H, W, C = y.shape
-    has_b = b.shape[0] > 0
-    for n in range(n0, n1):
-        for h in range(H):
-            row = (n * R + h) * S
-            for w in range(W):
-                for c in range(C):
-                    v = rows[row + w, c]
-                    if has_b:
-                        v += b[c]
-                    if relu and v < 0:
-                        v = 0
-                    y[n, h, w, c] = v
-
-
-def from_layout(rows, S, R, b, relu, y):
-    """y (N,H,W,C) from the real outputs among rows (O, (M, C)), with bias b (or None) and ReLU."""
-    bb = np.zeros(0, y.dtype) if b is None else b
-    threads.run(lambda n0, n1: _from_layout(rows, S, R, bb, bool(relu), y, n0, n1), threads.ranges(y.shape[0], 1))
+    threads.run(chunk, row_chunks(N * R, S * Cout))
 
 
 def conv(x, wt, b, relu, y):
     """y (N,H,W,Cout) = conv(x, wt) (+ b, then ReLU): x (N,H,W,C), wt (k,k,C,Cout), b (Cout,) or None."""
     N, H, W, _ = x.shape
-    k = wt.shape[0]
-    _, S, R, M, _ = geometry(N, H, W, k)
-    B, _ = to_layout(x, k)
-    from_layout(forward(B, wt, S, M), S, R, b, relu, y)
+    _, S, R, _, _ = geometry(N, H, W, wt.shape[0])
+    B, _ = to_layout(x, wt.shape[0])
+    conv_layout(B, wt, S, R, b, relu, y)
 
 
 def column_blocks(Cout, k):

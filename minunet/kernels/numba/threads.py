@@ -219,13 +219,15 @@ def single_threaded_blas():
 _tls = threading.local()
 
 
-def tls_buffer(shape, dtype):
-    """A scratch array private to the calling thread: a view of one flat buffer per dtype that grows
-    to the largest request and is reused across calls (never returned to the caller)."""
+def tls_buffer(shape, dtype, name="scratch"):
+    """A scratch array private to the calling thread: a view of one flat buffer per (name, dtype)
+    that grows to the largest request and is reused across calls (never returned to the caller).
+    Distinct names give distinct buffers, for a kernel that needs two at once."""
     bufs = _tls.__dict__.setdefault("bufs", {})
     dtype = np.dtype(dtype)
     need = int(np.prod(shape))
-    flat = bufs.get(dtype.str)
+    key = (name, dtype.str)
+    flat = bufs.get(key)
     if flat is None or flat.size < need:
-        flat = bufs[dtype.str] = np.empty(need, dtype)
+        flat = bufs[key] = np.empty(need, dtype)
     return flat[:need].reshape(shape)
