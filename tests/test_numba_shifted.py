@@ -146,12 +146,13 @@ def test_non_finite_x_keeps_the_reference_nan_positions(dtype):
 
 
 def test_shifted_rule():
-    """The measured rule: forward and input gradient up to 64 pixels wide, the weight gradient up
-    to 32, never where the direct kernels run or for 1x1."""
+    """The measured rule: forward and input gradient up to 64 pixels wide or from 2048 products per
+    output (k*k*Cin), the weight gradient up to 32 wide, never where the direct kernels run or for 1x1."""
     assert conv.shifted_force is None
     with shifted(None):  # the rule, with the direct kernels off so every shape is a BLAS shape
         assert conv.use_shifted(1024, 1024, 3, 16) and conv.use_shifted(512, 256, 3, 64)
-        assert not conv.use_shifted(256, 128, 3, 128) and not conv.use_shifted(64, 64, 1, 16)
+        assert conv.use_shifted(256, 128, 3, 128) and not conv.use_shifted(128, 256, 3, 128)
+        assert not conv.use_shifted(64, 64, 1, 16) and not conv.use_shifted(512, 64, 1, 256)
         assert conv.use_shifted_dw(1024, 512, 3, 32) and not conv.use_shifted_dw(512, 256, 3, 64)
         assert not conv.use_shifted_dw(64, 64, 1, 16)
     for cin, cout, w in [(16, 16, 16), (64, 32, 32)]:  # direct shapes stay direct

@@ -247,24 +247,27 @@ def use_direct_dw(Cin, Cout, k):
     return Cout <= DW_DIRECT_MAX_OUT and Cin <= DW_DIRECT_MAX_IN
 
 
-# shifted GEMMs (conv_shifted.py) in place of im2col + BLAS on the low-resolution levels, where
-# im2col's row chunks make thin GEMMs. Measured on a Zen 5 with OpenBLAS's SkylakeX kernels, batch
-# 4, ms (im2col -> shifted): forward 1024->1024 @16 111 -> 91, 1024->512 @32 162 -> 106, 512->256
-# @64 114 -> 96, level at 256->256 @64 (48) and 128->128 @128 (54 -> 58); weight gradient
-# 1024->1024 @16 141 -> 54, 1024->512 @32 259 -> 99, 512->512 @32 59 -> 49, but 256->256 @64
-# 50 -> 59 and 128->128 @128 52 -> 77.
-SHIFTED_MAX_W, SHIFTED_DW_MAX_W = 64, 32
+# shifted GEMMs (conv_shifted.py) in place of im2col + BLAS where im2col's chunks (about 2 MB of
+# columns) hold few pixels: images up to 64 wide, or k*k*Cin >= 2048 (under 256 pixels per chunk).
+# Measured on a Zen 5 with OpenBLAS's SkylakeX kernels, batch 4, ms (im2col -> shifted): forward
+# 1024->1024 @16 111 -> 91, 1024->512 @32 162 -> 106, 512->256 @64 114 -> 96, 256->128 @128 128
+# -> 100 (Haswell kernels 203 -> 178), level at 256->256 @64 (48) and 128->128 @128 (58 -> 55),
+# slower at 64->128 @256 (114 -> 120) and 128->256 @128 (96 -> 100); weight gradient 1024->1024
+# @16 141 -> 54, 1024->512 @32 259 -> 99, 512->512 @32 59 -> 49, but 256->256 @64 50 -> 59 and
+# 128->128 @128 52 -> 77.
+SHIFTED_MAX_W, SHIFTED_MIN_K, SHIFTED_DW_MAX_W = 64, 2048, 32
 shifted_force = None  # None: the rule; True/False: always/never the shifted path where im2col would run (tests)
 
 
 def use_shifted(Cin, Cout, k, W):
     """conv_shifted in place of im2col + BLAS for a k x k conv (forward or input gradient) on rows W
-    pixels wide: k > 1, not a direct-kernel shape, and (by the rule above, unless forced) W <= 64."""
+    pixels wide: k > 1, not a direct-kernel shape, and (by the rule above, unless forced) W <= 64
+    or k*k*Cin >= 2048."""
     if k == 1 or use_direct(Cin, Cout, k, W):
         return False
     if shifted_force is not None:
         return shifted_force
-    return W <= SHIFTED_MAX_W
+    return W <= SHIFTED_MAX_W or k * k * Cin >= SHIFTED_MIN_K
 
 
 def use_shifted_dw(Cin, Cout, k, W):
