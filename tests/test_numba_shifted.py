@@ -52,18 +52,73 @@ def shifted(force):
         conv.shifted_force, conv.direct_force = old_s, old_d
 
 
+@contextmanager
+def calls():
+    """Counts the calls of the shifted forward (conv_layout: forward and input gradient) and weight
+    gradient, so that a test knows the shifted path ran and did not fall back to im2col."""
+    seen = {"conv_layout": 0, "weight_grad": 0}
+    originals = {name: getattr(conv_shifted, name) for name in seen}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            seen[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in seen:
+        setattr(conv_shifted, name, counted(name))
+    try:
+        yield seen
+    finally:
+        for name, fn in originals.items():
+            setattr(conv_shifted, name, fn)
+
+
+@contextmanager
+def col_elems(n):
+    """Smaller chunks (threads.COL_ELEMS), so that small shapes run several row chunks."""
+    old = threads.COL_ELEMS
+    threads.COL_ELEMS = n
+    try:
+        yield
+    finally:
+        threads.COL_ELEMS = old
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("relu", [False, True])
 @SETTINGS
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
-def test_shifted_conv2d(dtype, k, relu, shape, seed):
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), chunk=st.sampled_from([1 << 19, 64, 7]))
+def test_shifted_conv2d(dtype, k, relu, shape, seed, chunk):
+    """Against the reference, with the default chunks and with chunks of a row or a few (chunk
+    bounds on padding rows and across images), the shifted path forced for all three parts."""
     N, Cin, Cout, H, W = shape
     dims = dict(n=N, cin=Cin, cout=Cout, h=H, w=W)
-    with shifted(True):
+    with shifted(True), col_elems(chunk), calls() as seen:
         assert conv.use_shifted(Cin, Cout, k, W) and conv.use_shifted_dw(Cin, Cout, k, W)
         check_case("numba", dtype, conv2d(k, relu), dims, seed)
         check_case("numba", dtype, conv2d(k, relu, need_dx=False), dims, seed)
+    assert seen["weight_grad"] >= 2 and seen["conv_layout"] >= 3  # ran, no fallback
+
+
+@pytest.mark.parametrize(("Cout", "k"), [(32, 3), (48, 5)])
+def test_shifted_weight_gradient_in_column_blocks(Cout, k):
+    """Cout >= 32 splits the weight gradient's columns in two blocks per tap."""
+    assert len(conv_shifted.column_blocks(Cout, k)) == 2 * k * k
+    with shifted(True), col_elems(300), calls() as seen:
+        check_case("numba", "float64", conv2d(k, True), dict(n=2, cin=5, cout=Cout, h=6, w=7), 3)
+    assert seen["weight_grad"] == 1
+
+
+@pytest.mark.parametrize(("total", "row_elems", "elems"), [(68, 17 * 1024, 1 << 19), (4 * 129, 129 * 128, 1 << 19),
+                                                          (5, 10, 7), (1, 10, 7), (9, 4, 1 << 19)])
+def test_row_chunks_are_even_and_cover_every_row(total, row_elems, elems):
+    with col_elems(elems):
+        chunks = conv_shifted.row_chunks(total, row_elems)
+    assert chunks[0][0] == 0 and chunks[-1][1] == total
+    assert all(lo < hi for lo, hi in chunks) and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert len(chunks) % 2 == 0 or total == 1
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -96,6 +151,21 @@ def test_layout_reports_non_finite():
         assert not conv_shifted.to_layout(x2, 3)[1]
 
 
+@contextmanager
+def one_thread():
+    """The pool and OpenBLAS on one thread, then both as they were."""
+    old_threads, blas = threads._threads, threads._openblas
+    old_blas = blas[0]() if blas else None
+    threads.set_threads(1)
+    try:
+        yield
+    finally:
+        threads.set_threads(threads._workers() if old_threads is None else old_threads)
+        threads._threads = old_threads
+        if blas:
+            blas[1](old_blas)
+
+
 @pytest.mark.parametrize(("Cin", "Cout", "W"), [(64, 96, 16), (48, 64, 33), (32, 48, 40)])
 def test_shifted_is_deterministic_on_any_thread_count_and_matches_im2col(Cin, Cout, W):
     """Several row chunks and column blocks: the same bytes twice and on 1 thread as on 2, and
@@ -109,12 +179,8 @@ def test_shifted_is_deterministic_on_any_thread_count_and_matches_im2col(Cin, Co
         _, S, R, _, _ = conv_shifted.geometry(3, W - 3, W, 3)
         assert len(conv_shifted.row_chunks(3 * R, S * Cout)) >= 2
         first, again = case.run(be, inputs, upstream), case.run(be, inputs, upstream)
-        old = threads._workers()
-        threads.set_threads(1)
-        try:
+        with one_thread():
             one = case.run(be, inputs, upstream)
-        finally:
-            threads.set_threads(old)
     with shifted(False):
         blas = case.run(be, inputs, upstream)
     for a, a2, a1, bl in zip(first, again, one, blas, strict=True):  # outputs, then gradients
@@ -138,11 +204,33 @@ def test_non_finite_x_keeps_the_reference_nan_positions(dtype):
     y_ref, c_ref = ref.conv2d_forward(x, w, b)
     _, dw_ref, _ = ref.conv2d_backward(dy, c_ref)
     assert np.isfinite(dw_ref[:, 0, :, 2]).all()
-    with shifted(True):
+    with shifted(True), calls() as seen:
         y, c = be.conv2d_forward(act_in(be, x), be.asarray(w), be.asarray(b))
         _, dw, _ = be.conv2d_backward(act_in(be, dy), c)
+    assert seen["weight_grad"] == 0 and seen["conv_layout"] == 2  # the weight gradient fell back to im2col
     assert_nonfinite_close(act_out(be, y), y_ref, dtype, "y")
     assert_nonfinite_close(host(be, dw), dw_ref, dtype, "dw")
+
+
+@IGNORE_INVALID
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_non_finite_dy_through_the_shifted_gradients(dtype, relu):
+    """A finite x keeps the shifted path; NaN and inf in dy reach dw, db and dx where the reference's
+    do (the padding outputs' dz is an exact 0, never a product with dy)."""
+    rng = np.random.default_rng(2 + relu)
+    be, ref = backend("numba", dtype), NumpyBackend(dtype)
+    x, w, b = rand(rng, (2, 5, 6, 7), dtype), rand(rng, (8, 5, 3, 3), dtype), rand(rng, 8, dtype)
+    y_ref, c_ref = ref.conv2d_forward(x, w, b, relu=relu)
+    dy = rand(rng, y_ref.shape, dtype)
+    dy[0, 3, 0, 0], dy[1, 5, 5, 6], dy[1, 1, 2, 3] = np.nan, np.inf, -np.inf  # corners and an inner pixel
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, c_ref)
+    with shifted(True), calls() as seen:
+        y, c = be.conv2d_forward(act_in(be, x), be.asarray(w), be.asarray(b), relu=relu)
+        dx, dw, db = be.conv2d_backward(act_in(be, dy), c)
+    assert seen["weight_grad"] == 1
+    for what, a, a_ref in [("dx", act_out(be, dx), dx_ref), ("dw", host(be, dw), dw_ref), ("db", host(be, db), db_ref)]:
+        assert_nonfinite_close(a, a_ref, dtype, what)
 
 
 def test_shifted_rule():

@@ -490,10 +490,12 @@ def conv2d_backward(dy, cache, need_dx=True):
     dz2d = dy2d if y is None else np.empty((P, Cout), x.dtype)
     _, S, R, M, _ = conv_shifted.geometry(N, H, W, k)
     Bdz = None  # dz in the shifted layout, when a shifted part made it
-    shifted = use_shifted_dw(Cin, Cout, k, W)
-    if shifted:
-        Bx, shifted = conv_shifted.to_layout(x, k)  # a non-finite x takes im2col (conv_shifted's docstring)
-    if shifted:
+    Bx = None
+    if use_shifted_dw(Cin, Cout, k, W):
+        Bx, finite = conv_shifted.to_layout(x, k)
+        if not finite:  # a non-finite x takes im2col (conv_shifted's docstring: the NaN rule)
+            Bx = None
+    if Bx is not None:
         db = _dz_and_db(dy2d, y2d, dz2d)
         Bdz, _ = conv_shifted.to_layout(dz2d.reshape(N, H, W, Cout), k)
         dwmat = conv_shifted.weight_grad(Bx, Bdz, k, S, M).reshape(k * k * Cin, Cout)

@@ -97,12 +97,14 @@ def to_layout(x, k):
 
 def row_chunks(total, row_elems):
     """The forward's chunks: ranges of whole padded rows (of total = N*R) whose outputs fill about
-    threads.COL_ELEMS values (row_elems per row), an even number of them when there are two or more
-    rows (two threads share them evenly), by the shape alone."""
+    threads.COL_ELEMS values (row_elems per row), in an even number of near-equal chunks when there
+    are two rows or more (two threads share them evenly), by the shape alone."""
     per = max(1, threads.COL_ELEMS // row_elems)
     n = -(-total // per)
-    n = min(total, n + n % 2)
-    return threads.ranges(total, -(-total // n))
+    if n % 2 and total > 1:
+        n = n + 1 if n < total else n - 1  # one more chunk, or (one row each already) one fewer
+    bounds = [i * total // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 @njit(**JIT)
@@ -131,8 +133,8 @@ def _epilogue(acc, r0, r1, S, R, b, relu, y):
 def conv_layout(B, wt, S, R, b, relu, y):
     """y (N,H,W,Cout) = the real outputs of O = sum_{i,j} B[i*S+j : i*S+j+M] @ wt[i, j] (+ b, then
     ReLU), the taps added in order (i, j). B (T, C) in the layout, wt (k, k, C, Cout), b (Cout,) or
-    None. Per chunk of padded rows, O's rows go to per-thread scratch (about 2 MB, in cache) and
-    straight on to y: O is never whole in memory."""
+    None. Per chunk of padded rows, O's rows go to per-thread scratch (two buffers of about 2 MB
+    each in float32, in cache) and straight on to y: O is never whole in memory."""
     N, H, W, Cout = y.shape
     k = wt.shape[0]
     bb = np.zeros(0, y.dtype) if b is None else b
@@ -158,8 +160,9 @@ def conv_layout(B, wt, S, R, b, relu, y):
 def conv(x, wt, b, relu, y):
     """y (N,H,W,Cout) = conv(x, wt) (+ b, then ReLU): x (N,H,W,C), wt (k,k,C,Cout), b (Cout,) or None."""
     N, H, W, _ = x.shape
-    _, S, R, _, _ = geometry(N, H, W, wt.shape[0])
-    B, _ = to_layout(x, wt.shape[0])
+    k = wt.shape[0]
+    _, S, R, _, _ = geometry(N, H, W, k)
+    B, _ = to_layout(x, k)
     conv_layout(B, wt, S, R, b, relu, y)
 
 
