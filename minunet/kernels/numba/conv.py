@@ -344,6 +344,17 @@ def colsum(a, out):
             out[o] += a[m, o]
 
 
+def _dz_db_rows(dy2d, y2d, dz2d, lo, hi):
+    """Rows lo..hi-1: dz = dy * [y > 0] into dz2d (dz = dy when y2d is None: dz2d is dy2d); returns
+    their db partial (Cout,) float64."""
+    db = np.empty(dy2d.shape[1], np.float64)
+    if y2d is not None:
+        _relu_mask_colsum(dy2d[lo:hi], y2d[lo:hi], dz2d[lo:hi], db)
+    else:
+        colsum(dz2d[lo:hi], db)
+    return db
+
+
 def _conv_grads(x, dy2d, y2d, k, dz2d):
     """Per chunk of image rows: dz = dy * [y > 0] (or dy when y is None) into dz2d, the chunk's
     db (float64) and dw partial im2col(x)^T @ dz (or the direct kernel's); the partials are
@@ -362,11 +373,7 @@ def _conv_grads(x, dy2d, y2d, k, dz2d):
 
     def chunk(r0, r1):
         lo, hi = r0 * W, r1 * W
-        db = np.empty(Cout, np.float64)
-        if y2d is not None:
-            _relu_mask_colsum(dy2d[lo:hi], y2d[lo:hi], dz2d[lo:hi], db)
-        else:
-            colsum(dz2d[lo:hi], db)
+        db = _dz_db_rows(dy2d, y2d, dz2d, lo, hi)
         if direct:
             dw = np.zeros((k, k, Cin, Cout), x.dtype)
             dwk(x, dz4d, k, dw, r0, r1)
@@ -463,16 +470,8 @@ def _dz_and_db(dy2d, y2d, dz2d):
     """dz = dy * [y > 0] into dz2d (or dz = dy when y2d is None: dz2d is dy2d) and db (float64) =
     the column sums of dz, by chunks of rows added in chunk order. dy2d, y2d, dz2d (P, Cout)."""
     P, Cout = dy2d.shape
-
-    def chunk(lo, hi):
-        db = np.empty(Cout, np.float64)
-        if y2d is not None:
-            _relu_mask_colsum(dy2d[lo:hi], y2d[lo:hi], dz2d[lo:hi], db)
-        else:
-            colsum(dz2d[lo:hi], db)
-        return (db,)
-
-    return threads.run_sum(chunk, threads.ranges(P, max(1, threads.ELEMS // Cout)))[0]
+    chunks = threads.ranges(P, max(1, threads.ELEMS // Cout))
+    return threads.run_sum(lambda lo, hi: (_dz_db_rows(dy2d, y2d, dz2d, lo, hi),), chunks)[0]
 
 
 def conv2d_backward(dy, cache, need_dx=True):
