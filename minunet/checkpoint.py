@@ -218,12 +218,13 @@ def export_config(meta: dict, input_size: int, file: Path, about_file: dict) -> 
 
 
 def export_checkpoint(src, out, weights_dtype="keep", postprocess=None, fmt="npz", sigmoid=False,
-                      dynamic=False) -> Path:
+                      dynamic=False, widen=1) -> Path:
     """Write ``src``'s weights (as ``weights_dtype``: float16, float32, or "keep" the precision they are
     stored in) with ``exported_meta``, without the optimizer state, in ``fmt`` (npz compressed,
     safetensors, or an ONNX graph: ``export_onnx``), and its config.json beside (``config_path``): the
     file to ship or share. ``postprocess`` (threshold, min_area) becomes the model's default
-    post-processing in evaluate, predict and quantify."""
+    post-processing in evaluate, predict and quantify. ``widen`` > 1 writes a model of that many times
+    the base width that computes the same (``minunet.widen``): a start for training a wider model."""
     ck = load_checkpoint(src)
     if weights_dtype == "keep":
         weights_dtype = "float16" if any(a.dtype == np.float16 for a in ck.params.values()) else "float32"
@@ -231,6 +232,11 @@ def export_checkpoint(src, out, weights_dtype="keep", postprocess=None, fmt="npz
     if postprocess:
         meta["postprocess"] = {**meta.get("postprocess", {}), **postprocess}
     model = ck.build_model("numpy")
+    if widen != 1:
+        from minunet.widen import widened_model
+
+        meta["widened"] = {"from_base_channels": model.base_channels, "factor": widen, "seed": 0, "noise": 0.1}
+        model = widened_model(model, widen)
     dtype = str(np.dtype(weights_dtype or model.dtype))
     about = {"format": fmt, "weights_dtype": dtype, "output": "logit (apply a sigmoid)"}
     if fmt == "npz":
@@ -327,7 +333,8 @@ class Checkpoint:
 # What each part of the meta must be. Checked on loading, so a damaged or hand-made file is one line
 # that names the part, never a TypeError deep inside a command. A kind is one of KINDS.
 META_PARTS = {"model": dict, "train_config": dict, "state": dict, "postprocess": dict, "split": dict, "rng": dict,
-              "weights_dtype": str, "exported_from": str, "minunet_version": str, "has_optimizer": bool}
+              "weights_dtype": str, "exported_from": str, "minunet_version": str, "has_optimizer": bool,
+              "widened": dict}
 MODEL_KINDS = {"in_channels": "count", "base_channels": "count", "depth": "count"}  # all three required
 PART_KINDS = {
     "train_config": {"size": "count"},

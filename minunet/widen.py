@@ -89,3 +89,17 @@ def widen_params(params: dict, base: int, depth: int, factor: int, seed: int = 0
                             -1, in_axis)
         out[name] = a
     return {n: v.astype(np.asarray(params[n]).dtype) for n, v in out.items()}
+
+
+def widened_model(model, factor: int, seed: int = 0, noise: float = 0.1):
+    """A new UNet (same backend, dtype and depth) of ``factor`` times ``model``'s base width, with the
+    weights of ``widen_params``: its forward pass gives ``model``'s output up to rounding."""
+    from minunet.model import UNet
+
+    be = model.backend
+    params = {n: np.asarray(be.to_host(p)) for n, p in model.params.items()}
+    wide = widen_params(params, model.base_channels, model.depth, factor, seed, noise, model.in_channels)
+    out = UNet(model.in_channels, model.base_channels * factor, model.depth, backend=be, dtype=model.dtype)
+    for name, p in out.params.items():
+        p[...] = be.asarray(wide[name].astype(out.dtype, copy=False))
+    return out

@@ -20,7 +20,10 @@ import click
 @click.option("--sigmoid", is_flag=True, help="ONNX: end the graph with a Sigmoid (probabilities, not logits).")
 @click.option("--dynamic", is_flag=True,
               help="ONNX: any batch size and image size (multiples of 2**depth) instead of 1 x 1 x SIZE x SIZE.")
-def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic):
+@click.option("--widen", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Write a model of this many times the base width that computes the same "
+                   "(Net2WiderNet): a start for training a wider model with train --init.")
+def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic, widen):
     """Write CHECKPOINT's weights and config to OUT without the optimizer state, and OUT's config
     (architecture, input size, post-processing, training recipe) beside it as OUT with .json.
 
@@ -41,6 +44,8 @@ def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic
       minunet export runs/inf/best.npz infection_unet.npz --float16 --threshold 0.6 --min-area 0.01
       minunet export lung_unet.npz lung_unet.safetensors
       minunet export lung_unet.npz lung_unet.onnx --float32 --sigmoid --dynamic
+      minunet export infection_unet.npz wide32.npz --float32 --widen 2
+        (then: minunet train --base-channels 32 --init wide32.npz ...)
     """
     import json
     from pathlib import Path
@@ -59,7 +64,7 @@ def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic
     pp = {k: v for k, v in (("threshold", threshold), ("min_area", min_area)) if v is not None}
     try:
         path = export_checkpoint(checkpoint, out, {True: "float16", False: "float32", None: "keep"}[half], pp, fmt,
-                                 sigmoid, dynamic)
+                                 sigmoid, dynamic, widen)
     except OSError as e:  # reading errors are CheckpointErrors: this is the write (a full disk, a file in the path)
         raise OutputError(f"cannot write {out} ({e.strerror or e}): choose another path") from None
     dtype = json.loads(config_path(path).read_text())["files"][path.name]["weights_dtype"]
