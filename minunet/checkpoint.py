@@ -169,6 +169,8 @@ def exported_meta(ck: Checkpoint) -> dict:
         meta["split"] = {k: split[k] for k in KEPT_SPLIT if k in split}
     if "postprocess" in ck.meta:
         meta["postprocess"] = dict(ck.meta["postprocess"])
+    if "widened" in ck.meta:  # train_config then describes the narrower model the weights came from
+        meta["widened"] = dict(ck.meta["widened"])
     return meta
 
 
@@ -204,7 +206,8 @@ def export_config(meta: dict, input_size: int, file: Path, about_file: dict) -> 
                   "preprocess": "8-bit grey image (DICOM: windowed), resized bilinear to size x size, divided by 255"},
         "postprocess": {"threshold": 0.5, "min_area": 0.0, **meta.get("postprocess", {})},
     }
-    cfg.update({k: meta[k] for k in ("minunet_version", "exported_from", "train_config", "state") if k in meta})
+    cfg.update({k: meta[k] for k in ("minunet_version", "exported_from", "widened", "train_config", "state")
+                if k in meta})
     if "split" in meta:
         cfg["split"] = {k: len(v) if isinstance(v, list) else v for k, v in meta["split"].items()}
     try:
@@ -233,10 +236,10 @@ def export_checkpoint(src, out, weights_dtype="keep", postprocess=None, fmt="npz
         meta["postprocess"] = {**meta.get("postprocess", {}), **postprocess}
     model = ck.build_model("numpy")
     if widen != 1:
-        from minunet.widen import widened_model
+        from minunet.widen import NOISE, SEED, widened_model
 
-        meta["widened"] = {"from_base_channels": model.base_channels, "factor": widen, "seed": 0, "noise": 0.1}
-        model = widened_model(model, widen)
+        meta["widened"] = {"from_base_channels": model.base_channels, "factor": widen, "seed": SEED, "noise": NOISE}
+        model = widened_model(model, widen, SEED, NOISE)
     dtype = str(np.dtype(weights_dtype or model.dtype))
     about = {"format": fmt, "weights_dtype": dtype, "output": "logit (apply a sigmoid)"}
     if fmt == "npz":

@@ -6,8 +6,9 @@ a wider network can start training from where a narrower one stopped instead of 
 Every hidden channel c of a layer with C channels is copied k times, to channels c, c + C, ...,
 c + (k-1)*C (``channel j`` of the wide layer is a copy of ``j % C``):
 
-- outgoing side (the layer that makes the channel): its weights and bias rows are repeated, so all
-  k copies carry the same activation (ReLU of the same pre-activation, max-pooled alike);
+- outgoing side (the layer that makes the channel): its weight rows and bias are repeated, so all
+  k copies carry the same activation (ReLU of the same pre-activation, max-pooled alike), as long
+  as the rows' own incoming splits (below) sum to the narrow weights: each copy gets its own split;
 - incoming side (each layer that reads the channel): the weights that read channel c are split
   between its k copies with factors f_0 + ... + f_{k-1} = 1, so the sum they feed forward is
   unchanged: sum_r f_r * W[o, c] * a_c = W[o, c] * a_c.
@@ -16,7 +17,7 @@ Equal factors 1/k would keep the copies identical for ever (they get equal gradi
 factors are 1/k plus seeded noise of mean zero across the copies: f_r = 1/k + e_r - mean(e); the
 output is still the same (the f_r still sum to 1), and the copies drift apart as training goes on.
 
-The U-Net's channel groups (``minunet.model``): enc0 reads the image (1 channel, not widened);
+The U-Net's channel groups (``minunet.model``): enc0 reads the image (its channels not widened);
 dec{i}.conv1 reads the concatenation [skip | up], two groups of ``widths[i]`` channels, each widened
 on its own; the up-convs' weights are (Cin, Cout, 2, 2), the convs' (Cout, Cin, k, k); the head
 makes one logit (not widened).
@@ -25,6 +26,11 @@ makes one logit (not widened).
 from __future__ import annotations
 
 import numpy as np
+
+# The split factors' seeded noise: standard deviation NOISE / k before its mean over the k copies is
+# taken out (so k * (1/k + e_r) stays within about 1 +- NOISE). Large enough for the copies to part
+# in a few steps of Adam, small enough to keep the product of factors near the narrow weight.
+SEED, NOISE = 0, 0.1
 
 
 def _channel_map(groups: list[int], k: int) -> np.ndarray:
@@ -37,7 +43,7 @@ def _channel_map(groups: list[int], k: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _layer_groups(base: int, depth: int, in_channels: int) -> dict[str, tuple[list[int] | None, bool]]:
+def _layer_groups(base: int, depth: int) -> dict[str, tuple[list[int] | None, bool]]:
     """layer prefix -> (input channel groups, or None if the input is not widened; output widened?)."""
     widths = [base * 2**i for i in range(depth + 1)]
     spec = {}
@@ -56,15 +62,15 @@ def _layer_groups(base: int, depth: int, in_channels: int) -> dict[str, tuple[li
     return spec
 
 
-def widen_params(params: dict, base: int, depth: int, factor: int, seed: int = 0, noise: float = 0.1,
-                 in_channels: int = 1) -> dict:
+def widen_params(params: dict, base: int, depth: int, factor: int, seed: int = SEED, noise: float = NOISE) -> dict:
     """The parameters of a U-Net of base width ``factor * base`` computing what ``params`` computes.
 
-    ``noise``: standard deviation of the split factors' noise, relative to 1/factor (0: exact copies)."""
-    if not isinstance(factor, int) or factor < 1:
+    ``noise``: standard deviation of the split factors' noise, relative to 1/factor, before its mean
+    over the copies is taken out (0: equal splits, copies that never part)."""
+    if not isinstance(factor, int | np.integer) or isinstance(factor, bool) or factor < 1:
         raise ValueError(f"factor must be a whole number >= 1, got {factor!r}")
     rng = np.random.default_rng(seed)
-    spec = _layer_groups(base, depth, in_channels)
+    spec = _layer_groups(base, depth)
     out = {}
     for name in params:  # forward order, so the noise draws are the same on every run
         prefix, kind = name.rsplit(".", 1)
@@ -80,8 +86,8 @@ def widen_params(params: dict, base: int, depth: int, factor: int, seed: int = 0
         if groups is not None and factor > 1:
             src = _channel_map(groups, factor)
             copy = np.concatenate([np.arange(factor * n) // n for n in groups])  # copy index r of each
-            # noise per (copy, weight of the narrow layer), of mean zero over the copies: the split
-            # factors of one narrow weight sum to exactly 1 however the copies are spread
+            # noise per (input copy, weight of this layer with its outputs already copied), of mean
+            # zero over the input copies: the split factors of each weight sum to exactly 1
             e = rng.normal(0.0, noise / factor, size=(factor,) + a.shape)
             e -= e.mean(axis=0)
             e = np.moveaxis(np.moveaxis(e, in_axis + 1, -1)[copy, ..., src], 0, -1)  # in axis last
@@ -91,14 +97,14 @@ def widen_params(params: dict, base: int, depth: int, factor: int, seed: int = 0
     return {n: v.astype(np.asarray(params[n]).dtype) for n, v in out.items()}
 
 
-def widened_model(model, factor: int, seed: int = 0, noise: float = 0.1):
+def widened_model(model, factor: int, seed: int = SEED, noise: float = NOISE):
     """A new UNet (same backend, dtype and depth) of ``factor`` times ``model``'s base width, with the
     weights of ``widen_params``: its forward pass gives ``model``'s output up to rounding."""
     from minunet.model import UNet
 
     be = model.backend
     params = {n: np.asarray(be.to_host(p)) for n, p in model.params.items()}
-    wide = widen_params(params, model.base_channels, model.depth, factor, seed, noise, model.in_channels)
+    wide = widen_params(params, model.base_channels, model.depth, factor, seed, noise)
     out = UNet(model.in_channels, model.base_channels * factor, model.depth, backend=be, dtype=model.dtype)
     for name, p in out.params.items():
         p[...] = be.asarray(wide[name].astype(out.dtype, copy=False))

@@ -3,6 +3,8 @@ one does, its channel copies are split so that they drift apart in training, and
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -58,9 +60,10 @@ def test_copies_share_the_outgoing_weights_and_split_the_incoming_ones():
                                   noisy["dec0.conv1.weight"])
 
 
-def test_widen_refuses_a_factor_below_one():
+@pytest.mark.parametrize("factor", [0, 1.5, True])
+def test_widen_refuses_a_factor_that_is_not_a_whole_number_from_one(factor):
     with pytest.raises(ValueError, match="factor"):
-        widen_params({}, 2, 2, 0)
+        widen_params({}, 2, 2, factor)
 
 
 def test_export_widen_writes_a_model_train_init_takes(tmp_path):
@@ -69,6 +72,13 @@ def test_export_widen_writes_a_model_train_init_takes(tmp_path):
     assert r.exit_code == 0, r.output
     ck = load_checkpoint(tmp_path / "w.npz")
     assert ck.model_config["base_channels"] == 8 and ck.meta["widened"]["factor"] == 2
+    assert json.loads((tmp_path / "w.json").read_text())["widened"]["from_base_channels"] == 4
+    # the export's noise parts the copies: the two halves that read one channel differ
+    w = ck.params["enc1.conv1.weight"]  # (16, 8, 3, 3): input channels c and c + 4 copy c
+    assert not np.allclose(w[:, :4], w[:, 4:])
+    # a second export (another format) keeps the record
+    assert run("export", tmp_path / "w.npz", tmp_path / "w2.npz").exit_code == 0
+    assert load_checkpoint(tmp_path / "w2.npz").meta["widened"] == ck.meta["widened"]
     x = np.random.default_rng(0).random((1, 1, 32, 32), np.float32)
     wide = ck.build_model("numpy")
     np.testing.assert_allclose(wide.forward(x, train=False), narrow.forward(x, train=False), rtol=1e-4, atol=1e-5)

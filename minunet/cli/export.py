@@ -22,7 +22,8 @@ import click
               help="ONNX: any batch size and image size (multiples of 2**depth) instead of 1 x 1 x SIZE x SIZE.")
 @click.option("--widen", type=click.IntRange(min=1), default=1, show_default=True,
               help="Write a model of this many times the base width that computes the same "
-                   "(Net2WiderNet): a start for training a wider model with train --init.")
+                   "(Net2WiderNet; with --float32, else up to float16 rounding): a start for "
+                   "training a wider model with train --init.")
 def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic, widen):
     """Write CHECKPOINT's weights and config to OUT without the optimizer state, and OUT's config
     (architecture, input size, post-processing, training recipe) beside it as OUT with .json.
