@@ -7,6 +7,11 @@ the settings; pass ``--subset test`` only for the final figures), then score eve
 ``postprocess.drop_small``). Prints one row per combination, overall and for Normal and Non-COVID,
 and the best setting under the fp_image_rate bound.
 
+``--bands`` adds where ``dice_nonempty`` is lost, at the model's own post-processing: the images
+with lesions by the share of the reference lung their reference lesion covers (``quantify.BANDS``),
+each band's mean Dice, the Dice of painting the whole reference lung, and the mean predicted and
+reference shares of the lung.
+
     python benchmarks/infection_tradeoff.py DATA --model runs/inf/best.npz [--subset val] [--json out.json]
 """
 
@@ -22,8 +27,9 @@ from minunet.checkpoint import load_checkpoint
 from minunet.data import default_cache_dir, filter_items, find_data, load_arrays
 from minunet.evaluation import evaluate_model
 from minunet.kernels import get_backend
-from minunet.metrics import ScoreAccumulator, selection_score
+from minunet.metrics import ScoreAccumulator, dice_per_image, selection_score
 from minunet.postprocess import drop_small
+from minunet.quantify import BANDS
 
 
 def probabilities(model, arrays, batch_size=8):
@@ -43,6 +49,25 @@ def score(prob, masks, groups, threshold, min_area):
     return overall.summary(), {g: a.summary() for g, a in per.items()}
 
 
+def band_rows(pred, masks, lungs):
+    """Per band of reference infected share (percent of the reference lung), over the images with a
+    lesion: n, mean Dice of ``pred``, mean Dice of the whole reference lung as the prediction, and
+    the mean predicted and reference lesion shares of the reference lung (percent)."""
+    n = len(masks)
+    lung_px = np.maximum(lungs.reshape(n, -1).sum(1), 1)
+    ref_share = 100 * masks.reshape(n, -1).sum(1) / lung_px
+    pred_share = 100 * pred.reshape(n, -1).sum(1) / lung_px
+    has = masks.reshape(n, -1).any(1)
+    dice, paint = dice_per_image(pred, masks), dice_per_image(lungs, masks)
+    rows = []
+    for lo, hi in BANDS:
+        sel = has & (ref_share >= lo) & (ref_share < hi)
+        means = [float(a[sel].mean()) if sel.any() else None for a in (dice, paint, pred_share, ref_share)]
+        rows.append({"band": f"{lo}-{min(hi, 100)}%", "n": int(sel.sum()),
+                     **dict(zip(("dice", "dice_paint_lung", "pred_share", "ref_share"), means, strict=True))})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data")
@@ -54,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--fp-bound", type=float, default=0.15)
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--bands", action="store_true", help="also the Dice per band of infected share")
     a = ap.parse_args(argv)
     ck = load_checkpoint(a.model)
     model = ck.build_model(get_backend(a.backend))
@@ -84,9 +110,24 @@ def main(argv=None):
     print(f"best {'under fp_image_rate <= ' + str(a.fp_bound) if ok else 'score (no setting meets the bound)'}: "
           f"threshold {best['threshold']}, min area {best['min_area']}: dice_nonempty {best['dice_nonempty']:.4f}, "
           f"fp_image_rate {best['fp_image_rate']:.3f}")
+    out = {"subset": label, "model": a.model, "rows": rows, "best": best}
+    if a.bands:
+        lung_items, _ = filter_items(find_data(a.data, "lung").items("all"), a.only, a.subset)
+        if [i.image for i in lung_items] != [i.image for i in items]:
+            raise SystemExit("the lung masks' image list differs from the infection masks' one")
+        lungs = np.asarray(load_arrays(lung_items, size, default_cache_dir()).masks).astype(bool)
+        pp = ck.postprocess
+        out["bands"] = band_rows(drop_small(prob > pp["threshold"], pp["min_area"]), masks, lungs)
+        print(f"COVID-19 images by infected share of the reference lung (threshold {pp['threshold']}, "
+              f"min area {pp['min_area']}):")
+        print(f"{'band':>8} {'images':>6} {'Dice':>6} {'paint lung':>10} {'pred share':>10} {'ref share':>9}")
+        for r in out["bands"]:
+            if r["n"]:
+                print(f"{r['band']:>8} {r['n']:>6} {r['dice']:>6.3f} {r['dice_paint_lung']:>10.3f} "
+                      f"{r['pred_share']:>9.0f}% {r['ref_share']:>8.0f}%")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"subset": label, "model": a.model, "rows": rows, "best": best}, fh, indent=1)
+            json.dump(out, fh, indent=1)
     return 0
 
 
