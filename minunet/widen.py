@@ -33,14 +33,17 @@ import numpy as np
 SEED, NOISE = 0, 0.1
 
 
-def _channel_map(groups: list[int], k: int) -> np.ndarray:
-    """Source channel of each widened channel, for an input made of ``groups`` (sizes) concatenated:
-    group g (size n, at offset o) becomes k*n channels whose channel j copies o + j % n."""
-    out, offset = [], 0
+def _channel_map(groups: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source channel, copy index) of each widened channel, for an input made of ``groups`` (sizes)
+    concatenated: group g (size n, at offset o) becomes k*n channels; channel j is copy j // n of
+    channel o + j % n."""
+    src, copy, offset = [], [], 0
     for n in groups:
-        out.append(offset + np.arange(k * n) % n)
+        j = np.arange(k * n)
+        src.append(offset + j % n)
+        copy.append(j // n)
         offset += n
-    return np.concatenate(out)
+    return np.concatenate(src), np.concatenate(copy)
 
 
 def _layer_groups(base: int, depth: int) -> dict[str, tuple[list[int] | None, bool]]:
@@ -82,10 +85,9 @@ def widen_params(params: dict, base: int, depth: int, factor: int, seed: int = S
             out[name] = np.tile(a, factor) if widen_out else a.copy()
             continue
         if widen_out:
-            a = np.take(a, _channel_map([a.shape[out_axis]], factor), axis=out_axis)
+            a = np.take(a, _channel_map([a.shape[out_axis]], factor)[0], axis=out_axis)
         if groups is not None and factor > 1:
-            src = _channel_map(groups, factor)
-            copy = np.concatenate([np.arange(factor * n) // n for n in groups])  # copy index r of each
+            src, copy = _channel_map(groups, factor)
             # noise per (input copy, weight of this layer with its outputs already copied), of mean
             # zero over the input copies: the split factors of each weight sum to exactly 1
             e = rng.normal(0.0, noise / factor, size=(factor,) + a.shape)

@@ -50,7 +50,9 @@ def test_copies_share_the_outgoing_weights_and_split_the_incoming_ones():
     assert exact["enc0.conv1.weight"].shape == (4, 1, 3, 3) and exact["head.weight"].shape == (1, 4, 1, 1)
     # the up-conv is (Cin, Cout, 2, 2); dec0.conv1 reads [skip | up], each group copied on its own
     assert exact["dec0.up.weight"].shape == (8, 4, 2, 2) and exact["dec0.conv1.weight"].shape == (4, 8, 3, 3)
-    np.testing.assert_array_equal(_channel_map([2, 2], 2), [0, 1, 0, 1, 2, 3, 2, 3])
+    src, copy = _channel_map([2, 2], 2)
+    np.testing.assert_array_equal(src, [0, 1, 0, 1, 2, 3, 2, 3])
+    np.testing.assert_array_equal(copy, [0, 0, 1, 1, 0, 0, 1, 1])
     # with noise the two halves differ, but still sum to the narrow weight
     n2 = noisy["enc1.conv2.weight"]
     assert not np.array_equal(n2[:4, :4], n2[:4, 4:])
