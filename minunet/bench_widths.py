@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from minunet import heap
 from minunet.bench import (
     cpu_threads,
     forward_flops,
@@ -55,6 +56,7 @@ def measure(impl, mode, base, depth, batch, size, repeats, backend="numba"):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if impl == "minunet":
+        heap.keep_freed_memory()  # as the command line does; PyTorch's process keeps glibc's defaults
         be = get_backend(backend, "float32")
         rss0 = peak_rss_mb()
         x, y = random_batch(batch, size)

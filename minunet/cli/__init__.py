@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from minunet import __version__
+from minunet import __version__, heap
 from minunet.cli.bench import bench
 from minunet.cli.errors import MinunetGroup
 from minunet.cli.evaluate import evaluate_cmd
@@ -33,6 +33,7 @@ def main():
       minunet gradcheck --backend numba        finite-difference check of every backward
       minunet bench --backend numba            time the kernels
     """
+    heap.keep_freed_memory()  # each step reuses the last one's pages (minunet/heap.py)
 
 
 main.add_command(train_cmd)

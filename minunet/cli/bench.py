@@ -61,12 +61,13 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, w
     FLOPs of its forward (convolutions and up-convolutions, 2 per multiply-add). The OpenBLAS
     setting (OPENBLAS_CORETYPE, and the kernels OpenBLAS chose) is printed with the results."""
     from minunet import bench as lib
-    from minunet import bench_widths
+    from minunet import bench_widths, heap
     from minunet.kernels import open_backend
 
     if size % 2**depth:
         raise click.BadParameter(f"{size} is not divisible by 2**depth = {2**depth}", param_hint="--size")
     be, _ = open_backend(backend, "float32")  # a ConfigError becomes one line, exit 2
+    kept = heap.keep_freed_memory()  # as every minunet command (benchmarks/bench_step.py comes here directly)
 
     progress = None if as_json else (lambda msg: click.echo(f"  ... {msg}", err=True))
     blas = lib.blas_setting()
@@ -76,11 +77,13 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, w
 
     blocks = numba_conv.VARIANT  # the numba direct kernels' register blocks: "wide" (AVX-512) or "narrow"
     result = {"backend": be.name, "base": base, "depth": depth, "size": size, "blas": blas, "sgemm": sgemm,
-              "numba_direct_blocks": blocks}
+              "numba_direct_blocks": blocks, "keeps_freed_memory": kept}
     if not as_json:
         click.echo(f"OpenBLAS: OPENBLAS_CORETYPE {blas['OPENBLAS_CORETYPE']}, "
                    f"kernels {blas['openblas_corename'] or 'unknown (not NumPy-bundled OpenBLAS)'}; "
                    f"numba direct kernels: {blocks} blocks ({'AVX-512' if blocks == 'wide' else 'AVX2'})")
+        click.echo("allocator: " + ("freed memory kept for the next step (minunet/heap.py), in this process and "
+                                    "minunet's fresh ones, not in PyTorch's" if kept else "the system's defaults"))
         if sgemm:
             click.echo(f"sgemm ceiling: {sgemm['gflops']:.1f} GFLOP/s ({sgemm['n']}x{sgemm['n']} float32 np.dot, "
                        f"{sgemm['ms']:.1f} ms, median of 5)")
