@@ -47,6 +47,13 @@ class Conv2d:
         self.cache = cache if train else None
         return y
 
+    def keep_output_as(self, view):
+        """After a training forward: ``view`` holds the same values as this conv's output (the skip's
+        copy in the decoder's [skip | up] buffer, ``Backend.skip_part``); the cache keeps it as the
+        ReLU mask instead, so the output's own array can be freed and the skip is held once."""
+        if self.cache is not None and getattr(self.cache, "y", None) is not None:
+            self.cache = self.cache._replace(y=view)
+
     def backward(self, dy, need_dx=True):
         dx, dw, db = self.backend.conv2d_backward(dy, take_cache(self), need_dx=need_dx)
         self.grads["weight"] += dw
@@ -117,6 +124,10 @@ class DoubleConv:
 
     def forward(self, x, train=True):
         return self.conv2.forward(self.conv1.forward(x, train), train)
+
+    def keep_output_as(self, view):
+        """The block's output (its second conv's) now lives in ``view`` too: see Conv2d.keep_output_as."""
+        self.conv2.keep_output_as(view)
 
     def backward(self, dy, need_dx=True):
         return self.conv1.backward(self.conv2.backward(dy), need_dx=need_dx)

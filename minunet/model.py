@@ -138,7 +138,12 @@ class UNet:
         del s  # the last encoder output now lives in skips alone, and leaves with it
         a = self.bottleneck.forward(a, train)
         for i in reversed(range(self.depth)):  # skips.pop(): the deepest level's skip first
-            a = self.dec[i].forward(self.ups[i].forward(a, skips.pop(), train), train)  # [skip | up(a)]
+            skip = skips.pop()
+            a = self.ups[i].forward(a, skip, train)  # [skip | up(a)], one buffer
+            if train:  # the encoder's cache keeps the buffer's copy of the skip, so its own array is freed
+                self.enc[i].keep_output_as(be.skip_part(a, skip))
+            del skip
+            a = self.dec[i].forward(a, train)
         return be.to_nchw(self.head.forward(a, train))
 
     def backward(self, dlogits):

@@ -182,16 +182,18 @@ def test_inference_frees_activations_as_it_goes():
 def test_cache_bytes_counts_each_buffer_once():
     """After a training forward, cache_bytes holds each activation once, for the first op that keeps
     it: the input and the pooled maps (conv inputs), every 3x3 conv's ReLU output, the argmaxes and
-    the decoder's concatenations; the parameters and the inputs shared with an earlier output add
-    nothing."""
+    the decoder's concatenations, each counted with the encoder conv whose output is its skip part
+    (that conv keeps the skip's copy in it as its ReLU mask); the parameters and the inputs shared
+    with an earlier output add nothing."""
     N, H, W, C, D, f = 2, 16, 24, 4, 2, 8  # float64
     m = UNet(1, C, D, backend="numpy", dtype="float64", seed=0)
     m.forward(np.zeros((N, 1, H, W)))
     widths = [C * 2**i for i in range(D + 1)]
     px = [N * (H >> i) * (W >> i) for i in range(D + 1)]  # pixels per level
     x = px[0] * f + sum(widths[i] * px[i + 1] * f for i in range(D))  # input, pooled maps
-    x += sum(2 * widths[i] * px[i] * f for i in range(D))  # the concatenations
-    y = sum(2 * widths[i] * px[i] * f for i in range(D)) * 2 + 2 * widths[D] * px[D] * f
+    # ReLU outputs: per level the encoder's first conv (width), its second as the [skip | up]
+    # concatenation (2 x width), the decoder's two convs (width each); the bottleneck's two
+    y = sum(5 * widths[i] * px[i] * f for i in range(D)) + 2 * widths[D] * px[D] * f
     argmax = sum(widths[i] * px[i + 1] for i in range(D))
     got = cache_bytes(m)
     assert got == {"conv3x3.x": x, "conv3x3.y": y, "maxpool2x2.argmax": argmax, "total": x + y + argmax}
@@ -208,3 +210,30 @@ def test_backward_frees_every_cache_and_needs_a_new_forward(backend):
     assert cache_bytes(m) == {"total": 0}
     with pytest.raises(RuntimeError, match="training forward first"):
         m.backward(np.ones((2, 1, 16, 16)))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_each_skip_is_held_once_for_the_backward(backend):
+    """After a training forward, the encoder's last conv keeps its output (its ReLU mask) as the skip's
+    channels of the decoder's [skip | up] buffer, not as an array of its own; the gradients are the
+    same as from the output's own array (the values are equal)."""
+    m = UNet(1, 4, 2, backend=backend, dtype="float64", seed=0)
+    x = np.random.default_rng(1).random((2, 1, 16, 16))
+    m.forward(x)
+    for i in range(m.depth):
+        y, buf = m.enc[i].conv2.cache.y, m.dec[i].conv1.cache.x
+        assert y.base is buf or np.shares_memory(y, buf)
+        assert y.shape[0] == buf.shape[0] and y.size * 2 == buf.size  # the skip's half of [skip | up]
+    # the same gradients as when each encoder cache keeps the output's own array (a copy)
+    grads = {}
+    for keep_copy in (False, True):
+        m.zero_grad()
+        logits = m.forward(x)
+        if keep_copy:
+            for i in range(m.depth):
+                m.enc[i].conv2.cache = m.enc[i].conv2.cache._replace(y=m.enc[i].conv2.cache.y.copy())
+        _, dlogits = bce_with_logits(logits, (x > 0.5).astype(x.dtype))
+        m.backward(dlogits)
+        grads[keep_copy] = {k: g.copy() for k, g in m.grads.items()}
+    for k in grads[False]:
+        np.testing.assert_array_equal(grads[False][k], grads[True][k])

@@ -116,6 +116,13 @@ class Backend(ABC):
         The up-conv's gradients come from dy[:, Cs:]; dskip is dy[:, :Cs] (a view of dy
         where the layout allows: it keeps dy alive, so treat it as read-only)."""
 
+    @abstractmethod
+    def skip_part(self, y, skip):
+        """y (N,Cs+Cout,2H,2W) from upconv2x2_forward(x, w, b, skip) -> y[:, :Cs], a view: skip's values.
+
+        The model hands it to the encoder conv whose output the skip was, in place of that output
+        (the ReLU mask of its backward), so the skip is not kept twice for the backward."""
+
     # -- output and loss -----------------------------------------------------
     @abstractmethod
     def sigmoid(self, z):

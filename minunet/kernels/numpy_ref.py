@@ -169,6 +169,10 @@ class NumpyBackend(Backend):
         up += b[None, :, None, None]
         return y, UpConvCache(x, w, Cs)
 
+    def skip_part(self, y, skip):
+        """y[:, :Cs] of [skip | up]: a view of the skip's channels (NCHW)."""
+        return y[:, : skip.shape[1]]
+
     def upconv2x2_backward(self, dy, cache):
         """dy (N,Cs+Cout,2H,2W) -> (dx (N,Cin,H,W), dw (Cin,Cout,2,2), db (Cout), dskip (N,Cs,2H,2W)).
 

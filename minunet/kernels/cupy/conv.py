@@ -151,7 +151,8 @@ extern "C" __global__ void col2im_nhwc(const real* __restrict__ dcol, real* __re
         dy = self._c(dy)
         if y is not None:
             dz = xp.empty_like(dy)
-            self._launch(ElementwiseOps.RELU_BWD, dz.size, dy, y, dz, np.int64(dz.size))
+            # y may be the skip's view in an up-conv's [skip | up] (skip_part): the kernel reads it flat
+            self._launch(ElementwiseOps.RELU_BWD, dz.size, dy, self._c(y), dz, np.int64(dz.size))
         else:
             dz = dy
         dz2 = dz.reshape(M, Cout)

@@ -106,3 +106,8 @@ extern "C" __global__ void upconv_collect(const real* __restrict__ dy, real* __r
         dw = xp.ascontiguousarray(dwr.reshape(Cin, 2, 2, Cout).transpose(0, 3, 1, 2))
         db = xp.matmul(self._ones_vec(M), dt).reshape(4, Cout).sum(axis=0)
         return dx, dw, db, dy[..., :cs]
+
+    def skip_part(self, y, skip):
+        """[skip | up] (N,2H,2W,Cs+Cout) -> its skip channels (N,2H,2W,Cs), a view (conv2d_backward
+        makes its ReLU mask contiguous before a kernel reads it)."""
+        return y[..., : skip.shape[-1]]
