@@ -11,10 +11,14 @@ virtual machine these faults are slow: 100,000-190,000 per step measured here, 1
 
 ``keep_freed_memory()`` turns both off (``M_MMAP_MAX`` 0: every allocation comes from the heap;
 ``M_TRIM_THRESHOLD`` at its largest: the heap's free top stays), so the next step's arrays reuse
-the pages of this step's. The cost: the process's memory does not shrink after its peak (a training
-or evaluation process comes back to that peak every step anyway), and the holes a heap keeps add
-some 50 MiB to the peak at every width measured. ``MALLOC_MMAP_MAX_`` and
-``MALLOC_TRIM_THRESHOLD_`` in the environment do the same for any program (PyTorch included).
+the pages of this step's, and gives every thread the one heap (``M_ARENA_MAX`` 1): the kernels'
+worker threads would otherwise grow heaps of their own, whose free space the main thread cannot
+reuse (at base 64 with OpenBLAS's Haswell kernels that cost 95 MiB of peak; the allocations are
+few and large, so sharing one heap costs no time measured). The cost: the process's memory does
+not shrink after its peak (a training or evaluation process comes back to that peak every step
+anyway), and the holes a heap keeps add up to some 50 MiB to the peak. ``MALLOC_MMAP_MAX_``,
+``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_ARENA_MAX`` in the environment do the same for any
+program (PyTorch included).
 
 The command line calls it at start-up; a program using minunet as a library may call it itself.
 ``MINUNET_KEEP_FREED_MEMORY=0`` in the environment turns it off.
@@ -30,14 +34,16 @@ import sys
 # glibc's malloc.h parameter numbers (stable ABI since glibc 2.0)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1  # mallopt takes an int: the largest trim threshold it can be given
 ENV_SWITCH = "MINUNET_KEEP_FREED_MEMORY"
 
 
 def keep_freed_memory() -> bool:
-    """Serve every allocation from the heap and never trim it (see the module docstring). Returns
-    True when glibc took both settings; False, changing nothing, elsewhere (not Linux, not glibc,
-    or ``MINUNET_KEEP_FREED_MEMORY=0``). Process-wide and lasting; safe to call more than once."""
+    """Serve every allocation from one heap and never trim it (see the module docstring). Returns
+    True when glibc took the settings; False, changing nothing, elsewhere (not Linux, not glibc, or
+    ``MINUNET_KEEP_FREED_MEMORY=0``). Process-wide and lasting; safe to call more than once. Call
+    it before starting threads: a thread that has allocated already keeps its own heap."""
     if os.environ.get(ENV_SWITCH, "1").strip() in ("0", "false", "no", "off"):
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
@@ -48,4 +54,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success; the trim threshold first, so a failure leaves mmap as it was
-    return mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1 and mallopt(M_MMAP_MAX, 0) == 1
+    return (mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1 and mallopt(M_MMAP_MAX, 0) == 1
+            and mallopt(M_ARENA_MAX, 1) == 1)

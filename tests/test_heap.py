@@ -47,3 +47,23 @@ def test_without_the_call_glibc_maps_large_arrays_apart():
 
 def test_environment_switch_turns_it_off():
     assert _run("call", MINUNET_KEEP_FREED_MEMORY="0") == ["False", "False"]
+
+
+# a worker thread allocates; malloc_stats (glibc, to stderr) lists every arena (heap) in use
+_THREAD_CHILD = """
+import ctypes, sys, threading
+import numpy as np
+from minunet import heap
+if sys.argv[1] == "call":
+    heap.keep_freed_memory()
+kept = []
+t = threading.Thread(target=lambda: kept.append(np.ones(2**18, dtype=np.float32)))
+t.start(); t.join()
+ctypes.CDLL(None).malloc_stats()
+"""
+
+
+@pytest.mark.parametrize("mode, arenas", [("call", 1), ("none", 2)])
+def test_threads_share_the_one_heap_once_called(mode, arenas):
+    out = subprocess.run([sys.executable, "-c", _THREAD_CHILD, mode], capture_output=True, text=True, check=True)
+    assert out.stderr.count("Arena ") == arenas, out.stderr
