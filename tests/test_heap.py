@@ -1,17 +1,25 @@
-"""minunet.heap: after keep_freed_memory() a large array comes from the heap, not from its own mmap
-(each case in a fresh interpreter, so the test process keeps its allocator as it was)."""
+"""minunet.heap: after keep_freed_memory() a large array comes from the heap, not from its own mmap,
+and threads share one heap (each case in a fresh interpreter whose environment sets no allocator
+option, so only the call under test changes glibc's defaults)."""
 
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's mallopt only")
+from minunet.heap import ENV_SWITCH, glibc
+
+pytestmark = pytest.mark.skipif(not glibc(), reason="glibc's mallopt only")
+
+
+def _clean_env(**extra):
+    """This environment without anything that sets glibc's allocator or minunet's switch."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", ENV_SWITCH))}
+    return {**env, **extra}
 
 # prints the call's result, then whether a 64 MiB array's first byte lies in the [heap] mapping
 _CHILD = """
@@ -32,7 +40,7 @@ print(kept, in_heap)
 
 def _run(mode, **env):
     out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env})
+                         env=_clean_env(**env))
     return out.stdout.split()
 
 
@@ -65,5 +73,6 @@ ctypes.CDLL(None).malloc_stats()
 
 @pytest.mark.parametrize("mode, arenas", [("call", 1), ("none", 2)])
 def test_threads_share_the_one_heap_once_called(mode, arenas):
-    out = subprocess.run([sys.executable, "-c", _THREAD_CHILD, mode], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _THREAD_CHILD, mode], capture_output=True, text=True, check=True,
+                         env=_clean_env())
     assert out.stderr.count("Arena ") == arenas, out.stderr

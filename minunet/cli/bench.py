@@ -82,8 +82,12 @@ def bench(backend, batch_size, size, base, depth, repeats, ops, torch_compare, w
         click.echo(f"OpenBLAS: OPENBLAS_CORETYPE {blas['OPENBLAS_CORETYPE']}, "
                    f"kernels {blas['openblas_corename'] or 'unknown (not NumPy-bundled OpenBLAS)'}; "
                    f"numba direct kernels: {blocks} blocks ({'AVX-512' if blocks == 'wide' else 'AVX2'})")
-        click.echo("allocator: " + ("freed memory kept for the next step (minunet/heap.py), in this process and "
-                                    "minunet's fresh ones, not in PyTorch's" if kept else "the system's defaults"))
+        fresh = widths is not None or inference  # PyTorch in a fresh process of its own, else in this one
+        click.echo("allocator: " + (("freed memory kept for the next step (minunet/heap.py) in minunet's processes; "
+                                     "PyTorch's keep glibc's defaults") if kept and fresh else
+                                    ("freed memory kept for the next step (minunet/heap.py), for minunet and the "
+                                     "interleaved PyTorch step alike (one process)") if kept else
+                                    "the system's defaults"))
         if sgemm:
             click.echo(f"sgemm ceiling: {sgemm['gflops']:.1f} GFLOP/s ({sgemm['n']}x{sgemm['n']} float32 np.dot, "
                        f"{sgemm['ms']:.1f} ms, median of 5)")
