@@ -64,7 +64,7 @@ class TrainingMemory(NamedTuple):
     """A lower bound of a training's memory, in bytes (backward needs more, for a while)."""
 
     weights: int  # weights, gradients and Adam's two moments: 4 float32 copies of the parameters
-    activations: int  # the layer outputs of one batch, kept for backward
+    activations: int  # the layer outputs of one batch kept for backward (kept_rows)
     images: int  # the decoded images and masks, uint8
 
     @property
@@ -72,11 +72,18 @@ class TrainingMemory(NamedTuple):
         return self.weights + self.activations + self.images
 
 
+def kept_rows(rows: list[LayerRow]) -> list[LayerRow]:
+    """The rows whose outputs a training forward keeps for the backward as arrays of their own: all but
+    each encoder level's last conv, whose output lives on as the skip part of the decoder's [skip | up]
+    buffer (the up-conv's row) once that level's up-conv has copied it (``Backend.skip_part``)."""
+    return [r for r in rows if not (r.name.startswith("enc") and ".conv2 " in r.name)]
+
+
 def training_memory(base_channels: int, depth: int, size: int, batch_size: int, n_images: int,
                     in_channels: int = 1) -> TrainingMemory:
     rows = layer_rows(in_channels, base_channels, depth, size)
     return TrainingMemory(4 * FLOAT_BYTES * sum(r.params for r in rows),
-                          batch_size * sum(r.activation_bytes for r in rows), n_images * 2 * size * size)
+                          batch_size * sum(r.activation_bytes for r in kept_rows(rows)), n_images * 2 * size * size)
 
 
 def check_training_memory(base_channels: int, depth: int, size: int, batch_size: int, n_images: int, backend):

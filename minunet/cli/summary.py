@@ -21,7 +21,7 @@ def summary_cmd(base_channels, depth, size, batch_size):
       minunet summary --base-channels 32 --depth 5 --size 512
     """
     from minunet.cli.errors import CliError
-    from minunet.footprint import human, layer_rows
+    from minunet.footprint import human, kept_rows, layer_rows
     from minunet.model import check_size
 
     if base_channels < 1 or depth < 1 or batch_size < 1:
@@ -36,5 +36,7 @@ def summary_cmd(base_channels, depth, size, batch_size):
     total_p, total_f, total_a = (sum(r[k] for r in rows) for k in (2, 3, 4))
     click.echo(f"total parameters      {total_p:,} ({human(total_p * 4, 'B')} as float32)")
     click.echo(f"forward FLOPs/image   {human(total_f)}; a training step is about 3x: {human(3 * total_f)}")
-    click.echo(f"activations/image     {human(total_a, 'B')} (the outputs kept for backward); "
-               f"batch {batch_size}: {human(batch_size * total_a, 'B')}")
+    kept = sum(r.activation_bytes for r in kept_rows(rows))
+    click.echo(f"activations/image     {human(total_a, 'B')}, of which kept for backward {human(kept, 'B')} (each "
+               f"encoder level's last output lives on in its decoder's [skip | up] buffer); "
+               f"batch {batch_size}: {human(batch_size * kept, 'B')} kept")
