@@ -21,6 +21,7 @@ def _clean_env(**extra):
            if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", ENV_SWITCH))}
     return {**env, **extra}
 
+
 # prints the call's result, then whether a 64 MiB array's first byte lies in the [heap] mapping
 _CHILD = """
 import sys

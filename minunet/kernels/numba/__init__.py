@@ -70,10 +70,9 @@ class NumbaBackend(Backend):
     upconv2x2_forward = staticmethod(upconv.upconv2x2_forward)
     upconv2x2_backward = staticmethod(upconv.upconv2x2_backward)
     sigmoid = staticmethod(elementwise.sigmoid)
+    sigmoid_bce = staticmethod(elementwise.sigmoid_bce)
+    adam_step = staticmethod(adam.adam_step)
 
     def skip_part(self, y, skip):
         """[skip | up] (N,2H,2W,Cs+Cout) -> its skip channels (N,2H,2W,Cs), a view (pixel stride Cs+Cout)."""
         return y[..., : skip.shape[-1]]
-
-    sigmoid_bce = staticmethod(elementwise.sigmoid_bce)
-    adam_step = staticmethod(adam.adam_step)
