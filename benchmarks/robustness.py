@@ -19,7 +19,7 @@ the others leave the mask alone.
 Also, on the clean images, the Dice by infection-extent band (the share of the lung that the reference
 infection mask covers, COVID-19 images only), with the image count of each band.
 
-    python benchmarks/robustness.py DATA [--model CKPT] [--subset test] [--json out.json]
+    python benchmarks/robustness.py DATA [--model CKPT] [--subset test] [--view-shift PX] [--json out.json]
 
 DATA: the COVID-QU-Ex "Infection Segmentation Data" folder (it has both lung and infection masks).
 """
@@ -41,6 +41,7 @@ from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator
 from minunet.postprocess import drop_small
 from minunet.quantify import BANDS
+from minunet.views import view_probability
 
 
 def _to_u8(x):
@@ -114,10 +115,10 @@ def perturbations():
     }
 
 
-def dice_under(model, images, masks, fn, seed=0, batch_size=8, threshold=0.5, min_area=0.0):
-    """Per-image Dice of the model on the perturbed images, after its post-processing (sigmoid > threshold,
-    components under ``min_area`` of the image dropped: what evaluate and predict do with the model)."""
-    be = model.backend
+def dice_under(model, images, masks, fn, seed=0, batch_size=8, threshold=0.5, min_area=0.0, view_shift=0):
+    """Per-image Dice of the model on the perturbed images, after its post-processing (the probability of
+    shifted views when ``view_shift`` > 0, sigmoid > threshold, components under ``min_area`` of the image
+    dropped: what evaluate and predict do with the model)."""
     acc = ScoreAccumulator()
     for s in range(0, len(images), batch_size):
         xs, ms = [], []
@@ -126,8 +127,7 @@ def dice_under(model, images, masks, fn, seed=0, batch_size=8, threshold=0.5, mi
             xs.append(_to_u8(x))
             ms.append(m)
         x = np.stack(xs).astype(np.float32)[:, None] / np.float32(255)
-        pred = drop_small(np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x), train=False)))) > threshold,
-                          min_area)
+        pred = drop_small(view_probability(model, x, view_shift) > threshold, min_area)
         acc.add(pred, np.stack(ms)[:, None])
     return acc
 
@@ -153,14 +153,17 @@ def main(argv=None):
     ap.add_argument("--subset", default="test", choices=["train", "val", "test"])
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--view-shift", type=int, default=None, help="shifted views (px; 0: off) [default: the model's]")
     a = ap.parse_args(argv)
     ck = load_checkpoint(a.model)
     model = ck.build_model(get_backend(a.backend))
     size = ck.input_size
     lung, label, share, covid = lung_and_lesion_arrays(a.data, size, a.only, a.subset)
     pp = ck.postprocess
+    if a.view_shift is not None:
+        pp["view_shift"] = a.view_shift
     print(f"{label}: {len(lung)} images at {size}x{size}; model {a.model} (threshold {pp['threshold']:g}, "
-          f"min area {pp['min_area']:g})")
+          f"min area {pp['min_area']:g}, shifted views {pp['view_shift']} px)")
     result = {"model": a.model, "images": label, "n": len(lung), "postprocess": pp, "perturbations": {}, "bands": []}
     clean = None
     for name, fn in perturbations().items():

@@ -23,6 +23,7 @@ from minunet.checkpoint import load_checkpoint
 from minunet.kernels import get_backend
 from minunet.metrics import ScoreAccumulator
 from minunet.postprocess import drop_small, overlay
+from minunet.views import view_probability
 
 
 def predict_masks(ck, images, backend, batch_size=8):
@@ -31,8 +32,8 @@ def predict_masks(ck, images, backend, batch_size=8):
     out = []
     for s in range(0, len(images), batch_size):
         x = np.asarray(images[s : s + batch_size], np.float32)[:, None] / np.float32(255)
-        prob = backend.to_host(backend.sigmoid(model.forward(backend.asarray(x), train=False)))
-        out.append(drop_small(np.asarray(prob)[:, 0] > pp["threshold"], pp["min_area"]))
+        prob = view_probability(model, x, pp["view_shift"])
+        out.append(drop_small(prob[:, 0] > pp["threshold"], pp["min_area"]))
     return np.concatenate(out) if out else np.zeros((0,) + tuple(images.shape[1:]), bool)
 
 

@@ -204,7 +204,7 @@ def export_config(meta: dict, input_size: int, file: Path, about_file: dict) -> 
         "input": {"layout": "NCHW", "channels": meta["model"]["in_channels"], "size": input_size,
                   "multiple_of": 2 ** meta["model"]["depth"],
                   "preprocess": "8-bit grey image (DICOM: windowed), resized bilinear to size x size, divided by 255"},
-        "postprocess": {"threshold": 0.5, "min_area": 0.0, **meta.get("postprocess", {})},
+        "postprocess": {"threshold": 0.5, "min_area": 0.0, "view_shift": 0, **meta.get("postprocess", {})},
     }
     cfg.update({k: meta[k] for k in ("minunet_version", "exported_from", "widened", "train_config", "state")
                 if k in meta})
@@ -225,7 +225,7 @@ def export_checkpoint(src, out, weights_dtype="keep", postprocess=None, fmt="npz
     """Write ``src``'s weights (as ``weights_dtype``: float16, float32, or "keep" the precision they are
     stored in) with ``exported_meta``, without the optimizer state, in ``fmt`` (npz compressed,
     safetensors, or an ONNX graph: ``export_onnx``), and its config.json beside (``config_path``): the
-    file to ship or share. ``postprocess`` (threshold, min_area) becomes the model's default
+    file to ship or share. ``postprocess`` (threshold, min_area, view_shift) becomes the model's default
     post-processing in evaluate, predict and quantify. ``widen`` > 1 writes a model of that many times
     the base width that computes the same (``minunet.widen``): a start for training a wider model."""
     ck = load_checkpoint(src)
@@ -276,9 +276,12 @@ class Checkpoint:
     def postprocess(self) -> dict:
         """The model's default post-processing: ``threshold`` on sigmoid(logit) (0.5 unless the model
         says otherwise) and ``min_area``, the share of the image under which a predicted component is
-        dropped (0: none). Chosen on validation images and stored by ``minunet export``."""
+        dropped (0: none), and ``view_shift``, the pixels by which the four shifted copies of the image are
+        moved whose probabilities are averaged with the image's (``minunet.views``; 0: the image alone).
+        Chosen on validation images and stored by ``minunet export``."""
         pp = self.meta.get("postprocess") or {}
-        return {"threshold": float(pp.get("threshold", 0.5)), "min_area": float(pp.get("min_area", 0.0))}
+        return {"threshold": float(pp.get("threshold", 0.5)), "min_area": float(pp.get("min_area", 0.0)),
+                "view_shift": int(pp.get("view_shift", 0))}
 
     @property
     def input_size(self) -> int:
@@ -341,7 +344,7 @@ META_PARTS = {"model": dict, "train_config": dict, "state": dict, "postprocess":
 MODEL_KINDS = {"in_channels": "count", "base_channels": "count", "depth": "count"}  # all three required
 PART_KINDS = {
     "train_config": {"size": "count"},
-    "postprocess": {"threshold": "probability", "min_area": "share"},
+    "postprocess": {"threshold": "probability", "min_area": "share", "view_shift": "index"},
     "split": {"train": "names", "val": "names"},
 }
 # A run's position in training (train.py's ``state``; an export keeps some of it).

@@ -15,6 +15,7 @@ from minunet.data import ArraySet, iter_eval_batches
 from minunet.errors import ConfigError
 from minunet.metrics import ScoreAccumulator, iou_from_counts
 from minunet.postprocess import drop_small, keep_largest
+from minunet.views import view_probability
 
 THRESHOLD = 0.5  # a pixel is foreground when sigmoid(logit) > THRESHOLD
 
@@ -49,12 +50,15 @@ class EvalResult:
 
 
 def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = THRESHOLD, progress=None,
-                   keep_largest_k: int = 0, min_area: float = 0.0, each_probability=None) -> EvalResult:
+                   keep_largest_k: int = 0, min_area: float = 0.0, each_probability=None,
+                   view_shift: int = 0) -> EvalResult:
     """Mean per-image and pooled Dice/IoU of ``model`` on every image of ``data``.
 
     The prediction is sigmoid(logits) > threshold, without its components smaller
     than ``min_area`` of the image (``postprocess.drop_small``), then (when
-    ``keep_largest_k`` > 0) only its k largest connected components. Training's validation and
+    ``keep_largest_k`` > 0) only its k largest connected components. With ``view_shift`` > 0 the
+    probability is that of shifted views (``minunet.views``); the loss is the image's own. Training's
+    validation (the image alone) and
     ``minunet evaluate`` both call this, with the model's inference forward.
     ``each_probability(i, prob)``, when given, receives each image's (H, W) float32 probability map."""
     if data.masks is None:
@@ -67,6 +71,8 @@ def evaluate_model(model, data: ArraySet, batch_size: int, threshold: float = TH
         loss, _ = be.sigmoid_bce(logits, be.asarray(y))
         batch_losses.append(loss * len(x))
         prob = np.asarray(be.to_host(be.sigmoid(logits)))
+        if view_shift:
+            prob = view_probability(model, x, view_shift, prob)
         pred = drop_small(prob > threshold, min_area)
         if keep_largest_k > 0:
             pred = keep_largest(pred, keep_largest_k)

@@ -12,19 +12,20 @@ import numpy as np
 from PIL import Image
 
 from minunet.data import resize_gray
+from minunet.views import view_probability
 
 
-def probabilities(model, grays, size: int, batch_size: int = 8):
+def probabilities(model, grays, size: int, batch_size: int = 8, view_shift: int = 0):
     """Yield, for each (H, W) uint8 image in ``grays``, its float32 (H, W) foreground probability.
 
-    Each image is resized (bilinear) to ``size`` x ``size`` and scaled by 1/255;
-    the probability map is resized back to the image's own size, bilinear."""
-    be = model.backend
+    Each image is resized (bilinear) to ``size`` x ``size`` and scaled by 1/255; with ``view_shift`` > 0
+    the probability is that of shifted views (``minunet.views``) at that size; the probability map is
+    resized back to the image's own size, bilinear."""
     grays = list(grays)
     for start in range(0, len(grays), batch_size):
         chunk = grays[start : start + batch_size]
         x = np.stack([resize_gray(g, size) for g in chunk]).astype(np.float32)[:, None] / np.float32(255)
-        prob = np.asarray(be.to_host(be.sigmoid(model.forward(be.asarray(x), train=False))), np.float32)[:, 0]
+        prob = view_probability(model, x, view_shift)[:, 0]
         for g, p in zip(chunk, prob, strict=True):
             h, w = g.shape
             if (h, w) != p.shape:

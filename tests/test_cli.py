@@ -446,6 +446,7 @@ def test_every_command_refuses_a_checkpoint_with_non_finite_weights(trained, tmp
     ({"train_config": {"size": "32"}}, "train_config.size"),
     ({"postprocess": {"threshold": "high"}}, "postprocess.threshold"),
     ({"postprocess": 0.5}, "postprocess"),
+    ({"postprocess": {"view_shift": 1.5}}, "postprocess.view_shift"),
     ({"state": [1, 2]}, "state"),
     ({"state": {"epoch": "two"}}, "state.epoch"),
     ({"split": {"train": "all of them"}}, "split.train"),

@@ -146,7 +146,7 @@ def test_the_config_beside_says_how_to_run_each_exported_file(tmp_path):
     cfg = json.loads((tmp_path / "out" / "m.json").read_text())
     assert cfg["model"] == {"architecture": "U-Net (minunet)", "in_channels": 1, "base_channels": 4, "depth": 2}
     assert cfg["input"]["size"] == 32 and cfg["input"]["multiple_of"] == 4
-    assert cfg["postprocess"] == {"threshold": 0.6, "min_area": 0.0}
+    assert cfg["postprocess"] == {"threshold": 0.6, "min_area": 0.0, "view_shift": 0}
     assert cfg["files"]["m.safetensors"]["format"] == "safetensors"
     assert cfg["files"]["m.safetensors"]["weights_dtype"] == "float16"
     assert "/home/someone" not in json.dumps(cfg) and str(tmp_path) not in json.dumps(cfg)

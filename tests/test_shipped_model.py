@@ -26,7 +26,7 @@ def test_shipped_model_is_a_float16_lung_unet():
     assert (model.base_channels, model.depth, model.in_channels) == (16, 4, 1)
     assert ck.meta["weights_dtype"] == "float16"
     assert ck.meta["train_config"]["split_file"] == "covid-qu-ex"  # v2 to v6: the committed split's train list
-    assert ck.postprocess == {"threshold": 0.5, "min_area": 0.02}  # chosen on the val images
+    assert ck.postprocess == {"threshold": 0.5, "min_area": 0.02, "view_shift": 0}  # chosen on the val images
 
 
 def test_shipped_model_segments_the_held_out_sample(tmp_path):
@@ -47,7 +47,7 @@ needs_lesion_model = pytest.mark.skipif(not DEFAULT_INFECTION_MODEL.exists(), re
 def test_shipped_infection_model_carries_its_post_processing():
     ck = load_checkpoint(DEFAULT_INFECTION_MODEL)
     assert ck.meta["train_config"]["mask"] == "infection" and ck.input_size == 128
-    assert ck.postprocess == {"threshold": 0.3, "min_area": 0.02}  # chosen on the val images
+    assert ck.postprocess == {"threshold": 0.3, "min_area": 0.02, "view_shift": 0}  # chosen on the val images
 
 
 @needs_lesion_model

@@ -80,6 +80,21 @@ def postprocess_of(ck, threshold=None, min_area=None) -> tuple[float, float]:
     return (pp["threshold"] if threshold is None else threshold, pp["min_area"] if min_area is None else min_area)
 
 
+def view_shift_of(ck, view_shift, size) -> int:
+    """The shift of the shifted views at predict time (``minunet.views``): the flag where given, else the
+    model's default (``Checkpoint.postprocess``); refused unless a whole number below ``size``."""
+    from minunet.views import check_shift
+
+    shift = ck.postprocess["view_shift"] if view_shift is None else view_shift
+    check_shift(shift, size)
+    return shift
+
+
+VIEW_SHIFT_HELP = ("Average the probability of the image and of four copies shifted by this many pixels (up, "
+                   "down, left, right; at the size scored), each shifted back: five forwards per image; 0: the "
+                   "image alone.")
+
+
 def shipped_model(mask: str) -> Path:
     """The shipped model for a mask kind: the lung model, or the lesion (infection) model."""
     return DEFAULT_INFECTION_MODEL if mask.lower() == "infection" else DEFAULT_MODEL

@@ -7,6 +7,7 @@ import click
 from minunet.cli.common import (
     BACKENDS,
     MASKS,
+    VIEW_SHIFT_HELP,
     Bar,
     check_postprocess,
     config_option,
@@ -14,6 +15,7 @@ from minunet.cli.common import (
     postprocess_of,
     shipped_model,
     strict_json,
+    view_shift_of,
 )
 from minunet.evaluation import THRESHOLD
 
@@ -109,6 +111,7 @@ def probability_writer(folder, names):
               help="Foreground where sigmoid(logit) > THRESHOLD.")
 @click.option("--min-area", type=float, default=None, show_default="the model's, else 0",
               help="Drop predicted components smaller than this share of the image (e.g. 0.01).")
+@click.option("--view-shift", type=int, default=None, show_default="the model's, else 0", help=VIEW_SHIFT_HELP)
 @click.option("--keep-largest", type=int, default=0, show_default=True,
               help="Keep only the K largest connected components of each prediction (0: all).")
 @click.option("--only", type=str, default=None,
@@ -151,8 +154,8 @@ def evaluate_cmd(backend, **opts):
         _evaluate(ranks, backend=backend, **opts)
 
 
-def _evaluate(ranks, data, model_path, mask, split, as_json, size, threshold, min_area, keep_largest, only, subset,
-              batch_size, backend, base_channels, depth, cache_dir, per_image, save_prob):
+def _evaluate(ranks, data, model_path, mask, split, as_json, size, threshold, min_area, view_shift, keep_largest, only,
+              subset, batch_size, backend, base_channels, depth, cache_dir, per_image, save_prob):
     """evaluate_cmd on this rank: the checks on every rank (``agree``: an error they all meet is printed once),
     then this rank's share of the batches (``batch_range``), decoded and scored; the results are merged in rank
     order and rank 0 reports them."""
@@ -179,12 +182,14 @@ def _evaluate(ranks, data, model_path, mask, split, as_json, size, threshold, mi
             raise CliError("--subset chooses a list of the --only split file: give --only too")
         model, ck, note = load_model(model_path or shipped_model(mask), backend.lower(), base_channels, depth)
         check_size(size or ck.input_size, model.depth)
+        view_shift_of(ck, view_shift, size or ck.input_size)
         return index, chosen, items, model, ck, note
 
     index, split, items, model, ck, note = ranks.agree(setup, catch=(MinunetError, click.ClickException))
     ranks.check_same("\n".join(it.name for it in items).encode(), "images to score")
     size = size or ck.input_size
     threshold, min_area = postprocess_of(ck, threshold, min_area)
+    view_shift = view_shift_of(ck, view_shift, size)
     lo, hi = ranks.batch_range(len(items), batch_size)
     bar = Bar()
     decoding = evaluating = None  # progress: rank 0 shows its share's
@@ -206,7 +211,7 @@ def _evaluate(ranks, data, model_path, mask, split, as_json, size, threshold, mi
             write(lo + i, prob)
 
     ev = evaluate_model(model, arrays, batch_size, threshold, progress=evaluating, keep_largest_k=keep_largest,
-                        min_area=min_area, each_probability=each_probability)
+                        min_area=min_area, each_probability=each_probability, view_shift=view_shift)
     bar.clear()
     ev = ranks.merged(ev)
     mask_stats = ranks.gather(arrays.mask_stats)
@@ -225,7 +230,7 @@ def _evaluate(ranks, data, model_path, mask, split, as_json, size, threshold, mi
     if as_json:
         out = ev.to_json()
         out.update(split=split, data=str(index.root), mask=index.mask, model=str(ck.path), size=size,
-                   threshold=threshold, min_area=min_area, keep_largest=keep_largest,
+                   threshold=threshold, min_area=min_area, view_shift=view_shift, keep_largest=keep_largest,
                    masks=mask_stats.describe(), n_trained_on=n_seen)
         click.echo(strict_json(out))
         return
@@ -234,6 +239,7 @@ def _evaluate(ranks, data, model_path, mask, split, as_json, size, threshold, mi
     cfg = ck.model_config
     click.echo(f"model: {ck.path} (base {cfg['base_channels']}, depth {cfg['depth']}), size {size}, "
                f"threshold {threshold}" + (f", min area {min_area}" if min_area else "")
+               + (f", shifted views {view_shift} px" if view_shift else "")
                + (f", keep largest {keep_largest}" if keep_largest else ""))
     click.echo(f"data:  {index.root} [{index.layout}], split {split}: {s['n_images']} images, {index.mask} "
                f"{mask_stats.describe()}")

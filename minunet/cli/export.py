@@ -17,6 +17,9 @@ import click
               help="Store this probability threshold as the model's default (evaluate, predict, quantify).")
 @click.option("--min-area", type=float, default=None,
               help="Store this minimum component area (share of the image) as the model's default.")
+@click.option("--view-shift", type=click.IntRange(min=0), default=None,
+              help="Store this shift (pixels) as the model's default for shifted views at predict time: the "
+                   "probability averaged over the image and four copies shifted up, down, left, right (0: off).")
 @click.option("--sigmoid", is_flag=True, help="ONNX: end the graph with a Sigmoid (probabilities, not logits).")
 @click.option("--dynamic", is_flag=True,
               help="ONNX: any batch size and image size (multiples of 2**depth) instead of 1 x 1 x SIZE x SIZE.")
@@ -24,7 +27,7 @@ import click
               help="Write a model of this many times the base width that computes the same "
                    "(Net2WiderNet; with --float32, else up to float16 rounding): a start for "
                    "training a wider model with train --init.")
-def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic, widen):
+def export_cmd(checkpoint, out, fmt, half, threshold, min_area, view_shift, sigmoid, dynamic, widen):
     """Write CHECKPOINT's weights and config to OUT without the optimizer state, and OUT's config
     (architecture, input size, post-processing, training recipe) beside it as OUT with .json.
 
@@ -43,6 +46,7 @@ def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic
       minunet export runs/lung/best.npz minunet/assets/model/lung_unet.npz --float16
       minunet export runs/lung/best.npz lung32.npz
       minunet export runs/inf/best.npz infection_unet.npz --float16 --threshold 0.6 --min-area 0.01
+      minunet export runs/lung/best.npz lung_unet.npz --float16 --min-area 0.02 --view-shift 6
       minunet export lung_unet.npz lung_unet.safetensors
       minunet export lung_unet.npz lung_unet.onnx --float32 --sigmoid --dynamic
       minunet export infection_unet.npz wide32.npz --float32 --widen 2
@@ -62,7 +66,8 @@ def export_cmd(checkpoint, out, fmt, half, threshold, min_area, sigmoid, dynamic
                           "add --format onnx (or name OUT .onnx)")
     if Path(out).is_dir():
         raise OutputError(f"{out} is a folder: give the file to write, e.g. {Path(out) / ('model.' + fmt)}")
-    pp = {k: v for k, v in (("threshold", threshold), ("min_area", min_area)) if v is not None}
+    pp = {k: v for k, v in (("threshold", threshold), ("min_area", min_area), ("view_shift", view_shift))
+          if v is not None}
     try:
         path = export_checkpoint(checkpoint, out, {True: "float16", False: "float32", None: "keep"}[half], pp, fmt,
                                  sigmoid, dynamic, widen)

@@ -9,6 +9,7 @@ import click
 from minunet.cli.common import (
     BACKENDS,
     MASKS,
+    VIEW_SHIFT_HELP,
     Bar,
     check_postprocess,
     config_option,
@@ -17,6 +18,7 @@ from minunet.cli.common import (
     postprocess_of,
     shipped_model,
     unique_name,
+    view_shift_of,
 )
 from minunet.evaluation import THRESHOLD
 
@@ -110,6 +112,7 @@ def report_skipped(skipped, shown=20):
               help="Foreground where sigmoid(logit) > THRESHOLD.")
 @click.option("--min-area", type=float, default=None, show_default="the model's, else 0",
               help="Drop predicted components smaller than this share of the image (e.g. 0.01).")
+@click.option("--view-shift", type=int, default=None, show_default="the model's, else 0", help=VIEW_SHIFT_HELP)
 @click.option("--keep-largest", type=int, default=0, show_default=True,
               help="Keep only the K largest connected components (2 for lungs; 0: all).")
 @click.option("--size", type=int, default=None, help="Model input size [default: the size it was trained at].")
@@ -144,8 +147,8 @@ def predict_cmd(backend, **opts):
         _predict(ranks, backend=backend, **opts)
 
 
-def _predict(ranks, inputs, out, model_path, mask, threshold, min_area, keep_largest, size, no_overlay, save_prob,
-             skip_bad, batch_size, backend):
+def _predict(ranks, inputs, out, model_path, mask, threshold, min_area, view_shift, keep_largest, size, no_overlay,
+             save_prob, skip_bad, batch_size, backend):
     """predict_cmd on this rank: the checks on every rank (``agree``), then its share of whole batches of the
     inputs (``batch_range``); the skipped files are gathered for rank 0's closing lines."""
     import numpy as np
@@ -173,7 +176,7 @@ def _predict(ranks, inputs, out, model_path, mask, threshold, min_area, keep_lar
         click.echo(f"note: {note}", err=True)
     size = size or ck.input_size
     threshold, min_area = postprocess_of(ck, threshold, min_area)
-    ranks.agree(lambda: check_size(size, model.depth))
+    view_shift = ranks.agree(lambda: check_size(size, model.depth) or view_shift_of(ck, view_shift, size))
     out.mkdir(parents=True, exist_ok=True)
     names = output_names(files)
     lo, hi = ranks.batch_range(len(files), batch_size)
@@ -183,7 +186,8 @@ def _predict(ranks, inputs, out, model_path, mask, threshold, min_area, keep_lar
         stop = min(start + batch_size, hi)
         read = read_images(zip(files[start:stop], names[start:stop]), skip_bad, skipped)
         grays = [g for _, g in read]
-        for (name, g), p in zip(read, probabilities(model, grays, size, batch_size), strict=True):
+        for (name, g), p in zip(read, probabilities(model, grays, size, batch_size, view_shift),
+                               strict=True):
             m = keep_k(drop_small(p > threshold, min_area), keep_largest)
             Image.fromarray((m * 255).astype(np.uint8)).save(out / f"{name}_mask.png")
             if not no_overlay:

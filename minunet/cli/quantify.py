@@ -10,12 +10,14 @@ from minunet.cli.common import (
     BACKENDS,
     DEFAULT_INFECTION_MODEL,
     DEFAULT_MODEL,
+    VIEW_SHIFT_HELP,
     Bar,
     check_postprocess,
     config_option,
     load_model,
     postprocess_of,
     strict_json,
+    view_shift_of,
 )
 
 
@@ -72,6 +74,8 @@ def _csv_value(v):
               help="Probability threshold of both models.")
 @click.option("--min-area", type=float, default=None, show_default="the lesion model's, else 0",
               help="Drop lesions smaller than this share of the image.")
+@click.option("--view-shift", type=int, default=None, show_default="each model's, else 0",
+              help="Shifted views of both models: " + VIEW_SHIFT_HELP)
 @click.option("--only", type=str, default=None,
               help="With a COVID-QU-Ex folder: only the images of a split file (e.g. covid-qu-ex) or name list.")
 @click.option("--subset", type=click.Choice(["train", "val", "test"]), default=None,
@@ -104,8 +108,8 @@ def quantify_cmd(backend, **opts):
         _quantify(ranks, backend=backend, **opts)
 
 
-def _quantify(ranks, inputs, out, lung_model, infection_model, threshold, min_area, only, subset, batch_size,
-              backend):
+def _quantify(ranks, inputs, out, lung_model, infection_model, threshold, min_area, view_shift, only, subset,
+              batch_size, backend):
     """quantify_cmd on this rank: the checks on every rank (``agree``), then its share of whole batches of the
     X-rays (``batch_range``); rank 0 gathers the rows and reference figures in input order and writes
     quantify.csv and summary.json."""
@@ -134,13 +138,14 @@ def _quantify(ranks, inputs, out, lung_model, infection_model, threshold, min_ar
 
     cases = ranks.agree(find_cases, catch)
     ranks.check_same("\n".join(str(c) for c in cases).encode(), "inputs")
-    models = []  # (model, input size, threshold, min_area): the lung model, then the lesion model
+    models = []  # (model, input size, threshold, min_area, view shift): the lung model, then the lesion model
     for path, option, area in ((lung_model, "--lung-model", 0.0), (infection_model, "--infection-model", min_area)):
         model, ck, note = ranks.agree(partial(load_model, path, backend.lower(), option=option), catch)
         if note and not models and ranks.is_root:
             click.echo(f"note: {note}", err=True)
         t, a = postprocess_of(ck, threshold, area)
-        models.append((model, ck.input_size, t, a))
+        shift = ranks.agree(partial(view_shift_of, ck, view_shift, ck.input_size), catch)
+        models.append((model, ck.input_size, t, a, shift))
     has_refs = any(lung is not None and inf is not None for _, lung, inf in cases)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +157,8 @@ def _quantify(ranks, inputs, out, lung_model, infection_model, threshold, min_ar
         stop = min(start + batch_size, hi)
         chunk = cases[start:stop]
         grays = [read_gray(f) for f, _, _ in chunk]
-        lung_p, inf_p = ([drop_small(p > t, a) for p in probabilities(m, grays, size, batch_size)]
-                         for m, size, t, a in models)
+        lung_p, inf_p = ([drop_small(p > t, a) for p in probabilities(m, grays, size, batch_size, shift)]
+                         for m, size, t, a, shift in models)
         for (f, ref_lung, ref_inf), name, g, lung, inf in zip(chunk, names[start:stop], grays, lung_p, inf_p,
                                                                strict=True):
             d = lung_damage(lung, inf)
