@@ -12,7 +12,8 @@ with lesions by the share of the reference lung their reference lesion covers (`
 each band's mean Dice, the Dice of painting the whole reference lung, and the mean predicted and
 reference shares of the lung.
 
-    python benchmarks/infection_tradeoff.py DATA --model runs/inf/best.npz [--subset val] [--json out.json]
+    python benchmarks/infection_tradeoff.py DATA --model runs/inf/best.npz [--subset val] [--view-shift PX]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from minunet.postprocess import drop_small
 from minunet.quantify import BANDS
 
 
-def probabilities(model, arrays, batch_size=8):
-    """(N, S, S) float32 foreground probabilities at the model's input size (one evaluate_model pass)."""
+def probabilities(model, arrays, batch_size=8, view_shift=0):
+    """(N, S, S) float32 foreground probabilities at the model's input size (one evaluate_model pass; shifted
+    views when ``view_shift`` > 0)."""
     out = np.empty(arrays.images.shape, np.float32)
-    evaluate_model(model, arrays, batch_size, each_probability=lambda i, p: out.__setitem__(i, p))
+    evaluate_model(model, arrays, batch_size, each_probability=lambda i, p: out.__setitem__(i, p),
+                   view_shift=view_shift)
     return out
 
 
@@ -80,6 +83,7 @@ def main(argv=None):
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--json", default=None)
     ap.add_argument("--bands", action="store_true", help="also the Dice per band of infected share")
+    ap.add_argument("--view-shift", type=int, default=None, help="shifted views (px; 0: off) [default: the model's]")
     a = ap.parse_args(argv)
     ck = load_checkpoint(a.model)
     model = ck.build_model(get_backend(a.backend))
@@ -87,10 +91,12 @@ def main(argv=None):
     index = find_data(a.data, "infection")
     items, label = filter_items(index.items("all"), a.only, a.subset)
     arrays = load_arrays(items, size, default_cache_dir())
-    prob = probabilities(model, arrays)
+    view_shift = ck.postprocess["view_shift"] if a.view_shift is None else a.view_shift
+    prob = probabilities(model, arrays, view_shift=view_shift)
     masks = np.asarray(arrays.masks).astype(bool)
     rows = []
-    print(f"{label}: {len(items)} images at {size}x{size}; model {a.model}")
+    print(f"{label}: {len(items)} images at {size}x{size}; model {a.model}"
+          + (f"; shifted views {view_shift} px" if view_shift else ""))
     print(f"{'thr':>5} {'min area':>8} {'Dice-ne':>8} {'pooled':>7} {'FP-img':>7} {'FP Normal':>9} "
           f"{'FP Non-COVID':>12} {'score':>6}")
     for t in (float(v) for v in a.thresholds.split(",")):
