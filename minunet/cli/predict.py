@@ -176,7 +176,12 @@ def _predict(ranks, inputs, out, model_path, mask, threshold, min_area, view_shi
         click.echo(f"note: {note}", err=True)
     size = size or ck.input_size
     threshold, min_area = postprocess_of(ck, threshold, min_area)
-    view_shift = ranks.agree(lambda: check_size(size, model.depth) or view_shift_of(ck, view_shift, size))
+
+    def check_inference():
+        check_size(size, model.depth)
+        return view_shift_of(ck, view_shift, size)
+
+    view_shift = ranks.agree(check_inference)
     out.mkdir(parents=True, exist_ok=True)
     names = output_names(files)
     lo, hi = ranks.batch_range(len(files), batch_size)
