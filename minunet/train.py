@@ -88,7 +88,7 @@ from minunet.runfolder import (
 DETERMINISTIC_KEYS = (
     "data", "mask", "batch_size", "lr", "lr_schedule", "loss", "base_channels", "depth", "size",
     "seed", "val_fraction", "limit", "augment", "exclude", "split_file", "init", "whiten_lesions",
-    "severe_repeat",
+    "severe_repeat", "lesion_weight",
 )
 RESUME_MAY_CHANGE = ("lr",)
 PATH_KEYS = ("data", "exclude", "split_file", "init")  # stored resolved, so a run resumes from any folder
@@ -121,6 +121,7 @@ class TrainConfig:
     augment: bool = False
     whiten_lesions: float = 0.0  # lung runs: probability of Augment's lesion whitening (needs infection masks)
     severe_repeat: int = 1  # lung runs: images whose lesions cover >= half the lung go this many times per epoch
+    lesion_weight: float = 1.0  # lung runs: the BCE weight of the pixels inside the infection mask (1: off)
     exclude: str | None = None  # a file listing images to keep out of training and validation
     split_file: str | None = None  # a split file (data/split_files.py) whose train and val lists are used
     init: str | None = None  # a checkpoint whose weights the model starts from (Adam starts fresh)
@@ -153,6 +154,11 @@ class TrainConfig:
             (self.severe_repeat == 1 or self.mask == "lung",
              "--severe-repeat repeats the images whose lesions cover half the lung or more while a lung model "
              "learns: it needs --mask lung"),
+            (self.lesion_weight >= 1 and math.isfinite(self.lesion_weight),
+             f"--lesion-weight must be a number >= 1, got {self.lesion_weight}"),
+            (self.lesion_weight == 1 or self.mask == "lung",
+             "--lesion-weight weighs the infected pixels of the lung mask while a lung model learns: it needs "
+             "--mask lung"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -269,8 +275,9 @@ def _open_run_folder(out: Path, resume: bool, stack: contextlib.ExitStack, emit)
                              f"in {out} by processes that no longer run")
 
 
-def batch_gradient(model, loss: str, x, y, ranks) -> float:
-    """The loss of the batch (x, y), and its gradient in ``model.grads``, on every rank.
+def batch_gradient(model, loss: str, x, y, ranks, w=None) -> float:
+    """The loss of the batch (x, y) (BCE pixel weights w, or None), and its gradient in ``model.grads``, on
+    every rank.
 
     Each rank takes its contiguous share x[lo:hi] (``ranks.shard``). Both losses are means over
     the batch (BCE over its pixels, the soft Dice over its images), so the share's loss and its
@@ -282,7 +289,8 @@ def batch_gradient(model, loss: str, x, y, ranks) -> float:
     part = 0.0
     if hi > lo:  # a batch smaller than the number of ranks leaves some ranks without images
         logits = model.forward(be.asarray(x[lo:hi]))
-        part, dz = loss_and_grad(loss, logits, be.asarray(y[lo:hi]), be)
+        weights = None if w is None else be.asarray(w[lo:hi])
+        part, dz = loss_and_grad(loss, logits, be.asarray(y[lo:hi]), be, weights)
         if ranks.size > 1:
             share = (hi - lo) / len(x)
             part *= share
@@ -331,11 +339,12 @@ def lesion_items_for(data, train_items) -> list:
     try:
         by_image = {it.image: it for it in find_data(data, "infection").items()}
     except DataError as e:
-        raise DataError(f"--whiten-lesions and --severe-repeat need the data's infection masks: {e}") from None
+        raise DataError(f"--whiten-lesions, --severe-repeat and --lesion-weight need the data's infection masks: "
+                        f"{e}") from None
     missing = [it.name for it in train_items if it.image not in by_image]
     if missing:
-        raise DataError(f"--whiten-lesions and --severe-repeat need an infection mask for every training image; "
-                        f"{len(missing)} have none, e.g. {missing[0]}")
+        raise DataError(f"--whiten-lesions, --severe-repeat and --lesion-weight need an infection mask for every "
+                        f"training image; {len(missing)} have none, e.g. {missing[0]}")
     return [by_image[it.image] for it in train_items]
 
 
@@ -363,7 +372,7 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
             raise ConfigError(f"--resume: the run in {out} used the {ran_on} backend; resuming on {backend.name} "
                               f"would not continue it bit for bit: pass --backend {ran_on}, or start a new run from "
                               f"its weights with --init {out / 'last.npz'} and another --out")
-        needs_lesions = cfg.whiten_lesions or cfg.severe_repeat > 1
+        needs_lesions = cfg.whiten_lesions or cfg.severe_repeat > 1 or cfg.lesion_weight != 1
         lesion_items = lesion_items_for(cfg.data, split.train) if needs_lesions else None
         split_json = split.to_json(index)
         old = prior["old_split"]
@@ -497,14 +506,14 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
             loader = BatchLoader(train_set, cfg.batch_size, cfg.seed, epoch, start=state["batch"], augment=augment,
-                                 lesions=lesions, items=epoch_items)
+                                 lesions=lesions, items=epoch_items, lesion_weight=cfg.lesion_weight)
             emit("epoch_start", epoch=epoch + 1, epochs=cfg.epochs, n_batches=n_b, start=state["batch"])
             t_start = time.perf_counter() - state["seconds"]
             t_images, n_images = time.perf_counter(), 0
-            for b, x, y in loader:
+            for b, x, y, w in loader:
                 lr = learning_rate(cfg, state["step"], total_steps)
                 opt.lr = lr
-                loss = batch_gradient(model, cfg.loss, x, y, ranks)
+                loss = batch_gradient(model, cfg.loss, x, y, ranks, w)
                 if not math.isfinite(loss) or loss > DIVERGED_LOSS:
                     status = "nonfinite" if not math.isfinite(loss) else "diverged"
                     what = (f"the loss became {loss}" if status == "nonfinite" else

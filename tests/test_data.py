@@ -24,7 +24,7 @@ from minunet.data import (
     read_name_list,
     subdir,
 )
-from minunet.data.batches import repeat_severe, whiten_lesion
+from minunet.data.batches import make_batch, repeat_severe, whiten_lesion
 from minunet.errors import DataError, MinunetWarning
 
 SAMPLE = Path(__file__).resolve().parent.parent / "minunet" / "assets" / "sample"
@@ -176,10 +176,11 @@ def test_epoch_order_and_batches_are_reproducible_and_skippable(tmp_path):
         full = list(BatchLoader(arr, 3, seed=3, epoch=1, augment=augment))
         again = list(BatchLoader(arr, 3, seed=3, epoch=1, augment=augment))
         tail = list(BatchLoader(arr, 3, seed=3, epoch=1, start=1, augment=augment))
-        assert [b for b, _, _ in full] == [0, 1, 2] and full[-1][1].shape == (1, 1, 32, 32)
-        for (b1, x1, y1), (b2, x2, y2) in zip(full, again, strict=True):
+        assert [b for b, _, _, _ in full] == [0, 1, 2] and full[-1][1].shape == (1, 1, 32, 32)
+        assert all(w is None for _, _, _, w in full)  # no lesion weight: no pixel weights
+        for (b1, x1, y1, _), (b2, x2, y2, _) in zip(full, again, strict=True):
             assert b1 == b2 and np.array_equal(x1, x2) and np.array_equal(y1, y2)
-        for (b1, x1, y1), (b2, x2, y2) in zip(full[1:], tail, strict=True):
+        for (b1, x1, y1, _), (b2, x2, y2, _) in zip(full[1:], tail, strict=True):
             assert b1 == b2 and np.array_equal(x1, x2) and np.array_equal(y1, y2)
     plain = list(BatchLoader(arr, 7, seed=3, epoch=1))[0]
     aug = list(BatchLoader(arr, 7, seed=3, epoch=1, augment=Augment()))[0]
@@ -216,6 +217,34 @@ def test_lesion_whitening_brightens_only_the_lesion_and_keeps_the_other_draws():
     assert (white >= plain).all() and (white > plain).sum() > 200  # the lung mask is kept, the lesion whitened
 
 
+def test_lesion_weights_follow_the_augmentation_and_leave_the_batch_unchanged(tmp_path):
+    make_generic(tmp_path, n=5)
+    arr = load_arrays(find_data(tmp_path).items(), 32, cache_dir=None)
+    lesions = np.zeros((5, 32, 32), np.uint8)
+    lesions[:, 8:20, 4:14] = 1  # a block off the centre: a rotation or a shift moves it
+    lesions[3] = 0  # an image with no lesion: weights all 1
+    for augment in (None, Augment()):
+        plain = list(BatchLoader(arr, 5, seed=2, epoch=0, augment=augment, lesions=lesions))[0]
+        weighted = list(BatchLoader(arr, 5, seed=2, epoch=0, augment=augment, lesions=lesions, lesion_weight=4.0))[0]
+        # the same images, masks and draws: only the weights are added
+        assert np.array_equal(plain[1], weighted[1]) and np.array_equal(plain[2], weighted[2]) and plain[3] is None
+        w = weighted[3]
+        assert w.shape == weighted[2].shape and w.dtype == np.float32 and set(np.unique(w)) == {1.0, 4.0}
+        order = epoch_order(5, 2, 0)
+        assert (w[list(order).index(3)] == 1).all()
+        if augment is None:  # no geometry: the weights are where the lesion masks are
+            assert np.array_equal(w[:, 0] == 4, lesions[order] > 0)
+    # with the augmentation, each image's weights are its lesion moved by that image's rotation and shift
+    rng = np.random.default_rng([2, 0, 0])
+    order = epoch_order(5, 2, 0)
+    for k, i in enumerate(order):
+        _, _, moved = Augment().apply(arr.images[i], arr.masks[i], rng, lesions[i], moved_lesion=True)
+        assert np.array_equal(weighted[3][k, 0] == 4, moved > 0)
+    assert not np.array_equal(weighted[3][:, 0] == 4, lesions[order] > 0)  # it did move
+    with pytest.raises(ValueError, match="lesion masks"):
+        make_batch(arr, [0, 1], lesion_weight=2.0)
+
+
 def test_severe_images_repeat_and_the_default_order_is_unchanged(tmp_path):
     lung = np.zeros((5, 8, 8), np.uint8)
     lung[:, 2:6, 2:6] = 1  # 16 lung pixels each, but image 4 has none
@@ -231,7 +260,7 @@ def test_severe_images_repeat_and_the_default_order_is_unchanged(tmp_path):
     arr = load_arrays(find_data(tmp_path).items(), 32, cache_dir=None)
     plain = list(BatchLoader(arr, 3, seed=3, epoch=1))
     same = list(BatchLoader(arr, 3, seed=3, epoch=1, items=np.arange(7)))
-    for (b1, x1, y1), (b2, x2, y2) in zip(plain, same, strict=True):  # every image once: the order of before
+    for (b1, x1, y1, _), (b2, x2, y2, _) in zip(plain, same, strict=True):  # every image once: the order of before
         assert b1 == b2 and np.array_equal(x1, x2) and np.array_equal(y1, y2)
     more = BatchLoader(arr, 3, seed=3, epoch=1, items=np.array([0, 1, 2, 3, 4, 5, 6, 2, 2]))
     assert more.n_batches == 3 and sorted(more.order) == [0, 1, 2, 2, 2, 3, 4, 5, 6]

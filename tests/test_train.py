@@ -56,10 +56,11 @@ def params_and_moments(path):
     return ck.params, ck.adam["m"], ck.adam["v"], ck.meta["state"]
 
 
-@pytest.mark.parametrize("stop_at,augment,whiten", [(4, True, 0.0), (3, False, 0.0), (6, False, 0.0), (4, True, 1.0)])
-def test_interrupt_and_resume_gives_identical_weights(data_dir, tmp_path, stop_at, augment, whiten):
+@pytest.mark.parametrize("stop_at,augment,whiten,weight", [(4, True, 0.0, 1.0), (3, False, 0.0, 1.0),
+                                                           (6, False, 0.0, 1.0), (4, True, 1.0, 3.0)])
+def test_interrupt_and_resume_gives_identical_weights(data_dir, tmp_path, stop_at, augment, whiten, weight):
     """Ctrl-C (a KeyboardInterrupt from the progress callback) after step ``stop_at``, then --resume."""
-    augment = dict(augment=augment, whiten_lesions=whiten)
+    augment = dict(augment=augment, whiten_lesions=whiten, lesion_weight=weight)
     train(cfg(data_dir, tmp_path / "a", **augment))
 
     steps = []
@@ -120,9 +121,9 @@ def poison_loss(monkeypatch, at_call, value=float("nan")):
     calls = []
     real = train_mod.loss_and_grad
 
-    def poisoned(kind, z, y, be):
+    def poisoned(kind, z, y, be, weights=None):
         calls.append(1)
-        loss, dz = real(kind, z, y, be)
+        loss, dz = real(kind, z, y, be, weights)
         return (value if len(calls) == at_call else loss), dz
 
     monkeypatch.setattr(train_mod, "loss_and_grad", poisoned)
@@ -205,7 +206,9 @@ def test_a_run_on_relative_paths_resumes_from_another_folder(data_dir, tmp_path,
                                  dict(val_fraction=1.5), dict(limit=1), dict(loss="mse"),
                                  dict(whiten_lesions=0.5), dict(whiten_lesions=1.5, augment=True),
                                  dict(whiten_lesions=0.5, augment=True, mask="infection"),
-                                 dict(severe_repeat=0), dict(severe_repeat=2, mask="infection")])
+                                 dict(severe_repeat=0), dict(severe_repeat=2, mask="infection"),
+                                 dict(lesion_weight=0.5), dict(lesion_weight=float("inf")),
+                                 dict(lesion_weight=2.0, mask="infection")])
 def test_bad_settings_are_config_errors(data_dir, tmp_path, bad):
     with pytest.raises(ConfigError):
         train(cfg(data_dir, tmp_path / "x", **bad))
@@ -221,7 +224,8 @@ def test_lesion_whitening_changes_the_lung_run_and_needs_infection_masks(data_di
         train(cfg(data_dir, tmp_path / "white", epochs=2, augment=True), resume=True)
     no_infection = tmp_path / "lungs_only"
     make_qu(no_infection, n_per_class=4, infection=False)
-    with pytest.raises(DataError, match="--whiten-lesions and --severe-repeat need the data.s infection masks"):
+    with pytest.raises(DataError, match="--whiten-lesions, --severe-repeat and --lesion-weight need the data.s "
+                                        "infection masks"):
         train(cfg(no_infection, tmp_path / "x", augment=True, whiten_lesions=0.5))
 
 
@@ -234,17 +238,32 @@ def test_severe_repeat_lengthens_the_epoch_by_the_severe_images(data_dir, tmp_pa
     n_severe = sum("COVID_19" in name for name in split["train"])
     assert n_severe == 3 and res.status == "done"
     assert [i["n_batches"] for e, i in events if e == "epoch_start"] == [-(-(9 + 2 * n_severe) // 3)]
-    with pytest.raises(DataError, match="--severe-repeat need"):
+    with pytest.raises(DataError, match="--severe-repeat and --lesion-weight need"):
         no_infection = tmp_path / "lungs_only"
         make_qu(no_infection, n_per_class=4, infection=False)
         train(cfg(no_infection, tmp_path / "x", severe_repeat=2))
+
+
+def test_lesion_weight_changes_the_lung_run_and_is_kept_on_resume(data_dir, tmp_path):
+    plain = train(cfg(data_dir, tmp_path / "plain", epochs=1))
+    heavy = train(cfg(data_dir, tmp_path / "heavy", epochs=1, lesion_weight=4.0))
+    # make_qu's COVID-19 images have lesions inside the lung: their pixels weigh 4 times, so the loss grows
+    assert heavy.history[0]["train_loss"] > plain.history[0]["train_loss"]
+    assert json.loads((tmp_path / "heavy" / "config.json").read_text())["train"]["lesion_weight"] == 4.0
+    with pytest.raises(ConfigError, match="lesion_weight"):
+        train(cfg(data_dir, tmp_path / "heavy", epochs=2), resume=True)
+    no_infection = tmp_path / "lungs_only"
+    make_qu(no_infection, n_per_class=4, infection=False)
+    with pytest.raises(DataError, match="--lesion-weight need"):
+        train(cfg(no_infection, tmp_path / "x", lesion_weight=2.0))
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(data_dir, tmp_path):
     train(cfg(data_dir, tmp_path / "old", epochs=1))
     path = tmp_path / "old" / "config.json"
     info = json.loads(path.read_text())
-    del info["train"]["whiten_lesions"], info["train"]["severe_repeat"]  # as written before those settings
+    for key in ("whiten_lesions", "severe_repeat", "lesion_weight"):  # as written before those settings
+        del info["train"][key]
     path.write_text(json.dumps(info))
     res = train(cfg(data_dir, tmp_path / "old", epochs=2), resume=True)
     assert res.status == "done" and [r["epoch"] for r in res.history] == [1, 2]

@@ -101,6 +101,9 @@ class TrainReporter:
 @config_option("--severe-repeat", type=click.IntRange(min=1), metavar="N",
                help="Lung runs on data with infection masks: images whose lesions cover half the lung or more "
                     "go N times through each epoch (the sickest lungs are the hardest to outline).")
+@config_option("--lesion-weight", type=click.FloatRange(min=1), metavar="W",
+               help="Lung runs on data with infection masks: the BCE term weighs the pixels inside the infection "
+                    "mask W times (moved with the augmentation), so missing consolidated lung costs more.")
 @config_option("--exclude", type=click.Path(path_type=str),
                help="Images to keep out: a text file of names (e.g. minunet/assets/sample/FILES.txt), or a split "
                     "file (a run's split.json, covid-qu-ex) whose held-out val and test lists are kept out.")

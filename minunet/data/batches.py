@@ -69,9 +69,11 @@ class Augment:
     gamma: float = 0.25  # exponent in [1/(1+g), 1+g]
     whiten: float = 0.0  # probability of lesion whitening (needs the lesion mask)
 
-    def apply(self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, lesion: np.ndarray | None = None):
+    def apply(self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, lesion: np.ndarray | None = None,
+              moved_lesion: bool = False):
         """img uint8 (S,S), mask uint8 (S,S), lesion uint8 0/1 (S,S) or None -> float32 image in [0, 1],
-        uint8 mask."""
+        uint8 mask, and with ``moved_lesion`` the lesion mask moved as the mask is (uint8, nearest): the
+        pixel weights of ``--lesion-weight`` follow the geometry. It draws nothing more."""
         s = img.shape[-1]
         angle = rng.uniform(-self.max_rotate, self.max_rotate)
         tx, ty = (int(round(v)) for v in rng.uniform(-self.max_shift * s, self.max_shift * s, 2))
@@ -84,7 +86,10 @@ class Augment:
         mk = Image.fromarray(np.ascontiguousarray(mask)).rotate(angle, Image.NEAREST, translate=(tx, ty))
         x = np.asarray(im, np.float32) / np.float32(255)
         x = np.clip(c * np.power(x, g) + b, 0, 1).astype(np.float32)
-        return x, np.asarray(mk, np.uint8)
+        if not moved_lesion:
+            return x, np.asarray(mk, np.uint8)
+        ls = Image.fromarray(np.ascontiguousarray(lesion, np.uint8)).rotate(angle, Image.NEAREST, translate=(tx, ty))
+        return x, np.asarray(mk, np.uint8), np.asarray(ls, np.uint8)
 
 
 def whiten_lesion(img: np.ndarray, lesion: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
@@ -105,13 +110,24 @@ def whiten_lesion(img: np.ndarray, lesion: np.ndarray, rng: np.random.Generator,
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None, lesions: np.ndarray | None = None):
-    """x float32 (B,1,S,S) in [0,1] and y float32 (B,1,S,S) in {0,1} for the images ``ids``; ``lesions``
-    (uint8 (N,S,S), the infection masks of ``data``'s images) feeds the augmentation's lesion whitening."""
+def lesion_weights(lesion_masks: np.ndarray, weight: float) -> np.ndarray:
+    """Per-pixel BCE weights (B,1,S,S) float32 from 0/1 lesion masks (B,S,S): ``weight`` inside, 1 outside."""
+    return (1 + (np.float32(weight) - 1) * (lesion_masks > 0)).astype(np.float32)[:, None]
+
+
+def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None, lesions: np.ndarray | None = None,
+               lesion_weight: float = 1.0):
+    """x float32 (B,1,S,S) in [0,1], y float32 (B,1,S,S) in {0,1} and w for the images ``ids``. ``lesions``
+    (uint8 (N,S,S), the infection masks of ``data``'s images) feeds the augmentation's lesion whitening and
+    the pixel weights w (``lesion_weights``, moved with the image); w is None when ``lesion_weight`` is 1."""
     ids = np.asarray(ids)
+    weigh = lesion_weight != 1
+    if weigh and lesions is None:
+        raise ValueError("a lesion weight needs the lesion masks")
     sorted_ids, back = np.sort(ids), np.argsort(np.argsort(ids))  # sorted reads from the memmap, then batch order
     imgs = np.asarray(data.images[sorted_ids])[back]
     msks = np.asarray(data.masks[sorted_ids])[back]
+    les = np.asarray(lesions[sorted_ids])[back] if weigh else None
     if augment is None:
         x = imgs.astype(np.float32) / np.float32(255)
         y = msks.astype(np.float32)
@@ -119,9 +135,13 @@ def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None, le
         x = np.empty(imgs.shape, np.float32)
         y = np.empty(imgs.shape, np.float32)
         for k in range(len(ids)):
-            x[k], m = augment.apply(imgs[k], msks[k], rng, None if lesions is None else lesions[ids[k]])
-            y[k] = m
-    return x[:, None], y[:, None]
+            lesion = None if lesions is None else lesions[ids[k]]
+            out = augment.apply(imgs[k], msks[k], rng, lesion, moved_lesion=weigh)
+            x[k], y[k] = out[0], out[1]
+            if weigh:
+                les[k] = out[2]
+    w = lesion_weights(les, lesion_weight) if weigh else None
+    return x[:, None], y[:, None], w
 
 
 class BatchLoader:
@@ -129,13 +149,14 @@ class BatchLoader:
 
     Batch b holds ``order[b*B:(b+1)*B]`` (the last one may be short) and is
     augmented with ``default_rng([seed, epoch, b])``; iterating yields
-    (b, x, y). ``items``: the image ids an epoch goes through (default: each image once; see
-    ``repeat_severe``); the order is ``items`` permuted by ``epoch_order``."""
+    (b, x, y, w) (w: ``make_batch``'s pixel weights, None when ``lesion_weight`` is 1). ``items``: the
+    image ids an epoch goes through (default: each image once; see ``repeat_severe``); the order is
+    ``items`` permuted by ``epoch_order``."""
 
     def __init__(self, data: ArraySet, batch_size: int, seed: int, epoch: int, start: int = 0,
                  augment: Augment | None = None, prefetch: int = 2, lesions: np.ndarray | None = None,
-                 items: np.ndarray | None = None):
-        self.lesions = lesions
+                 items: np.ndarray | None = None, lesion_weight: float = 1.0):
+        self.lesions, self.lesion_weight = lesions, lesion_weight
         self.data, self.batch_size, self.seed, self.epoch = data, batch_size, seed, epoch
         items = np.arange(len(data)) if items is None else np.asarray(items)
         self.order = items[epoch_order(len(items), seed, epoch)]
@@ -145,7 +166,7 @@ class BatchLoader:
     def batch(self, b: int):
         ids = self.order[b * self.batch_size : (b + 1) * self.batch_size]
         rng = np.random.default_rng([self.seed, self.epoch, b])
-        return make_batch(self.data, ids, self.augment, rng, self.lesions)
+        return make_batch(self.data, ids, self.augment, rng, self.lesions, self.lesion_weight)
 
     def __len__(self):
         return max(0, self.n_batches - self.start)
