@@ -169,8 +169,9 @@ def exported_meta(ck: Checkpoint) -> dict:
         meta["split"] = {k: split[k] for k in KEPT_SPLIT if k in split}
     if "postprocess" in ck.meta:
         meta["postprocess"] = dict(ck.meta["postprocess"])
-    if "widened" in ck.meta:  # train_config then describes the narrower model the weights came from
-        meta["widened"] = dict(ck.meta["widened"])
+    for grown in ("widened", "deepened"):  # train_config then describes the smaller model the weights came from
+        if grown in ck.meta:
+            meta[grown] = dict(ck.meta[grown])
     return meta
 
 
@@ -206,7 +207,8 @@ def export_config(meta: dict, input_size: int, file: Path, about_file: dict) -> 
                   "preprocess": "8-bit grey image (DICOM: windowed), resized bilinear to size x size, divided by 255"},
         "postprocess": {"threshold": 0.5, "min_area": 0.0, "view_shift": 0, **meta.get("postprocess", {})},
     }
-    cfg.update({k: meta[k] for k in ("minunet_version", "exported_from", "widened", "train_config", "state")
+    cfg.update({k: meta[k] for k in ("minunet_version", "exported_from", "widened", "deepened", "train_config",
+                                    "state")
                 if k in meta})
     if "split" in meta:
         cfg["split"] = {k: len(v) if isinstance(v, list) else v for k, v in meta["split"].items()}
@@ -221,13 +223,14 @@ def export_config(meta: dict, input_size: int, file: Path, about_file: dict) -> 
 
 
 def export_checkpoint(src, out, weights_dtype="keep", postprocess=None, fmt="npz", sigmoid=False,
-                      dynamic=False, widen=1) -> Path:
+                      dynamic=False, widen=1, deepen=False) -> Path:
     """Write ``src``'s weights (as ``weights_dtype``: float16, float32, or "keep" the precision they are
     stored in) with ``exported_meta``, without the optimizer state, in ``fmt`` (npz compressed,
     safetensors, or an ONNX graph: ``export_onnx``), and its config.json beside (``config_path``): the
     file to ship or share. ``postprocess`` (threshold, min_area, view_shift) becomes the model's default
     post-processing in evaluate, predict and quantify. ``widen`` > 1 writes a model of that many times
-    the base width that computes the same (``minunet.widen``): a start for training a wider model."""
+    the base width that computes the same (``minunet.widen``): a start for training a wider model;
+    ``deepen`` one level deeper (``minunet.deepen``), after the widening if both are asked."""
     ck = load_checkpoint(src)
     if weights_dtype == "keep":
         weights_dtype = "float16" if any(a.dtype == np.float16 for a in ck.params.values()) else "float32"
@@ -240,6 +243,12 @@ def export_checkpoint(src, out, weights_dtype="keep", postprocess=None, fmt="npz
 
         meta["widened"] = {"from_base_channels": model.base_channels, "factor": widen, "seed": SEED, "noise": NOISE}
         model = widened_model(model, widen, SEED, NOISE)
+    if deepen:
+        from minunet.deepen import SEED as DEEPEN_SEED
+        from minunet.deepen import deepened_model
+
+        meta["deepened"] = {"from_depth": model.depth, "seed": DEEPEN_SEED}
+        model = deepened_model(model, DEEPEN_SEED)
     dtype = str(np.dtype(weights_dtype or model.dtype))
     about = {"format": fmt, "weights_dtype": dtype, "output": "logit (apply a sigmoid)"}
     if fmt == "npz":

@@ -27,7 +27,11 @@ import click
               help="Write a model of this many times the base width that computes the same "
                    "(Net2WiderNet; with --float32, else up to float16 rounding): a start for "
                    "training a wider model with train --init.")
-def export_cmd(checkpoint, out, fmt, half, threshold, min_area, view_shift, sigmoid, dynamic, widen):
+@click.option("--deepen", is_flag=True,
+              help="Write a model one level deeper (one more pooling) that computes the same (the new level "
+                   "starts as the identity on its skip; with --float32, else up to float16 rounding): a start "
+                   "for training a deeper model with train --depth D+1 --init.")
+def export_cmd(checkpoint, out, fmt, half, threshold, min_area, view_shift, sigmoid, dynamic, widen, deepen):
     """Write CHECKPOINT's weights and config to OUT without the optimizer state, and OUT's config
     (architecture, input size, post-processing, training recipe) beside it as OUT with .json.
 
@@ -51,6 +55,8 @@ def export_cmd(checkpoint, out, fmt, half, threshold, min_area, view_shift, sigm
       minunet export lung_unet.npz lung_unet.onnx --float32 --sigmoid --dynamic
       minunet export infection_unet.npz wide32.npz --float32 --widen 2
         (then: minunet train --base-channels 32 --init wide32.npz ...)
+      minunet export lung_unet.npz deep5.npz --float32 --deepen
+        (then: minunet train --depth 5 --init deep5.npz ...)
     """
     import json
     from pathlib import Path
@@ -70,7 +76,7 @@ def export_cmd(checkpoint, out, fmt, half, threshold, min_area, view_shift, sigm
           if v is not None}
     try:
         path = export_checkpoint(checkpoint, out, {True: "float16", False: "float32", None: "keep"}[half], pp, fmt,
-                                 sigmoid, dynamic, widen)
+                                 sigmoid, dynamic, widen, deepen)
     except OSError as e:  # reading errors are CheckpointErrors: this is the write (a full disk, a file in the path)
         raise OutputError(f"cannot write {out} ({e.strerror or e}): choose another path") from None
     dtype = json.loads(config_path(path).read_text())["files"][path.name]["weights_dtype"]
