@@ -36,6 +36,7 @@ def deepen_params(params: dict, base: int, depth: int, new_layers: dict) -> dict
     ``dec{depth}.up`` are taken as they are."""
     d = depth
     width = base * 2**d  # the old bottleneck's output channels: the new level's skip
+    dtype = np.asarray(params["head.weight"]).dtype
     out = {}
     for name, a in params.items():
         prefix, kind = name.rsplit(".", 1)
@@ -44,8 +45,7 @@ def deepen_params(params: dict, base: int, depth: int, new_layers: dict) -> dict
         out[name] = np.asarray(a).copy()
     for name, a in new_layers.items():
         if name.startswith("bottleneck.") or name.startswith(f"dec{d}.up."):
-            out[name] = np.asarray(a).astype(np.asarray(params["head.weight"]).dtype)
-    dtype = np.asarray(params["head.weight"]).dtype
+            out[name] = np.asarray(a).astype(dtype)
     eye = np.zeros((width, width, 3, 3), dtype)
     eye[np.arange(width), np.arange(width), 1, 1] = 1
     out[f"dec{d}.conv1.weight"] = np.concatenate([eye, np.zeros_like(eye)], axis=1)  # reads [skip | up]

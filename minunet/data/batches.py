@@ -127,7 +127,7 @@ def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None, le
     sorted_ids, back = np.sort(ids), np.argsort(np.argsort(ids))  # sorted reads from the memmap, then batch order
     imgs = np.asarray(data.images[sorted_ids])[back]
     msks = np.asarray(data.masks[sorted_ids])[back]
-    les = np.asarray(lesions[sorted_ids])[back] if weigh else None
+    les = None if lesions is None else np.asarray(lesions[sorted_ids])[back]
     if augment is None:
         x = imgs.astype(np.float32) / np.float32(255)
         y = msks.astype(np.float32)
@@ -135,11 +135,10 @@ def make_batch(data: ArraySet, ids, augment: Augment | None = None, rng=None, le
         x = np.empty(imgs.shape, np.float32)
         y = np.empty(imgs.shape, np.float32)
         for k in range(len(ids)):
-            lesion = None if lesions is None else lesions[ids[k]]
-            out = augment.apply(imgs[k], msks[k], rng, lesion, moved_lesion=weigh)
+            out = augment.apply(imgs[k], msks[k], rng, None if les is None else les[k], moved_lesion=weigh)
             x[k], y[k] = out[0], out[1]
             if weigh:
-                les[k] = out[2]
+                les[k] = out[2]  # the lesion as the image was moved: its pixel weights
     w = lesion_weights(les, lesion_weight) if weigh else None
     return x[:, None], y[:, None], w
 
