@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minunet.opcases import MAXPOOL, RELU, SIGMOID_BCE, UPCONV, conv2d, rel_err
+from minunet.opcases import MAXPOOL, RELU, SIGMOID_BCE, UPCONV, WEIGHTED_SIGMOID_BCE, conv2d, rel_err
 
 
 @dataclass
@@ -67,6 +67,7 @@ OP_CHECKS = [
     (MAXPOOL, dict(n=2, c=3, h=4, w=6)),
     (UPCONV, dict(n=2, cin=3, cout=2, cs=3, h=3, w=4)),
     (SIGMOID_BCE, dict(n=2, h=3, w=5)),
+    (WEIGHTED_SIGMOID_BCE, dict(n=2, h=3, w=5)),
 ]
 
 

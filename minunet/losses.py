@@ -19,38 +19,23 @@ def _check(logits, targets):
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} differ in shape")
 
 
-def bce_with_logits(logits, targets, backend=None):
-    """Binary cross-entropy on raw logits, fused with the sigmoid.
-
-    loss = mean(max(z,0) - z*y + log(1 + exp(-|z|)))   (stable for any z)
-    dz   = (sigmoid(z) - y) / z.size
-    """
-    _check(logits, targets)
-    be = backend or _REFERENCE
-    return be.sigmoid_bce(logits, targets)
-
-
-def weighted_bce_with_logits(logits, targets, weights, backend=None):
-    """Binary cross-entropy with a weight per pixel, w >= 0 of the logits' shape.
+def bce_with_logits(logits, targets, backend=None, weights=None):
+    """Binary cross-entropy on raw logits, fused with the sigmoid (the backend's ``sigmoid_bce``), each
+    pixel weighted by ``weights`` (w >= 0 of the logits' shape; None: every weight 1).
 
     loss = sum(w * l) / z.size,  l = max(z,0) - z*y + log(1 + exp(-|z|))   (per pixel, stable for any z)
     dz   = w * (sigmoid(z) - y) / z.size
 
-    Divided by the number of pixels, not by sum(w): with w = 1 it is ``bce_with_logits`` exactly, and the
-    loss of a batch is still the mean of its pixels' losses, so a batch split across ranks sums back to it.
+    Divided by the number of pixels, not by sum(w): with w = 1 it is the mean BCE, and the loss of a
+    batch is still the mean of its pixels' losses, so a batch split across ranks sums back to it.
     Lung training weighs the pixels of the infection mask more (``--lesion-weight``): the consolidated,
     white parts of a lung are the ones a lung model leaves out, and they are few among the lung's pixels.
     """
     _check(logits, targets)
-    _check(logits, weights)
+    if weights is not None:
+        _check(logits, weights)
     be = backend or _REFERENCE
-    xp = be.xp
-    y = targets.astype(logits.dtype, copy=False)
-    w = weights.astype(logits.dtype, copy=False)
-    per_pixel = xp.maximum(logits, 0) - logits * y + xp.log1p(xp.exp(-xp.abs(logits)))
-    loss = float((w * per_pixel).sum(dtype=xp.float64)) / logits.size
-    dz = (w * (be.sigmoid(logits) - y) / logits.size).astype(logits.dtype, copy=False)
-    return loss, dz
+    return be.sigmoid_bce(logits, targets, weights)
 
 
 def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0):
@@ -80,17 +65,11 @@ def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0):
 
 def loss_and_grad(kind, logits, targets, backend=None, weights=None):
     """The training loss by name: 'bce' or 'bce+dice' (their sum). ``weights`` (None: every pixel 1) weigh
-    the BCE term per pixel (``weighted_bce_with_logits``); the soft Dice term is unweighted."""
-
-    def bce():
-        if weights is None:
-            return bce_with_logits(logits, targets, backend)
-        return weighted_bce_with_logits(logits, targets, weights, backend)
-
+    the BCE term per pixel (``bce_with_logits``); the soft Dice term is unweighted."""
     if kind == "bce":
-        return bce()
+        return bce_with_logits(logits, targets, backend, weights)
     if kind == "bce+dice":
-        l1, d1 = bce()
+        l1, d1 = bce_with_logits(logits, targets, backend, weights)
         l2, d2 = soft_dice_with_logits(logits, targets, backend)
         d1 += d2
         return l1 + l2, d1

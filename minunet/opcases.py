@@ -235,6 +235,22 @@ SIGMOID_BCE = OpCase(  # fused: the forward computes the loss and dz; the backwa
 )
 
 
+def _make_weighted_logits(rng, dtype, n, h, w):
+    """As ``_make_logits``, plus pixel weights in [0, 4) (some exactly 0, some 1) for the weighted loss."""
+    inputs, upstream = _make_logits(rng, dtype, n, h, w)
+    weights = (4 * rng.random(inputs["z"].shape)).astype(dtype)
+    weights.flat[: min(2, weights.size)] = [0, 1][: min(2, weights.size)]
+    return dict(inputs, w=weights), upstream
+
+
+WEIGHTED_SIGMOID_BCE = OpCase(  # the same fused kernel with a weight per pixel (``--lesion-weight``); dz only
+    "sigmoid+bce weighted",
+    _make_weighted_logits,
+    lambda be, i: _out(be.sigmoid_bce(i["z"], i["y"], i["w"]), "loss"),
+    lambda be, dz, up: {"z": up["loss"] * dz},
+)
+
+
 def _make_adam(rng, dtype, size):
     """One parameter tensor of ``size`` values, its gradient, zero moments, lr and the step t."""
     p, g = _normal(rng, dtype, size), _normal(rng, dtype, size)

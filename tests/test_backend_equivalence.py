@@ -19,7 +19,7 @@ from minunet.kernels import get_backend
 from minunet.kernels.cupy import cuda_status
 from minunet.kernels.numpy_ref import NumpyBackend
 from minunet.model import UNet
-from minunet.opcases import ADAM, MAXPOOL, RELU, SIGMOID, SIGMOID_BCE, UPCONV, conv2d, rel_err
+from minunet.opcases import ADAM, MAXPOOL, RELU, SIGMOID, SIGMOID_BCE, UPCONV, WEIGHTED_SIGMOID_BCE, conv2d, rel_err
 
 BACKENDS = [
     "numba",
@@ -247,6 +247,15 @@ def test_sigmoid_bce(name, dtype, shape, seed, scale):
     loss, _ = be.sigmoid_bce(be.asarray(inputs["z"]), be.asarray(inputs["y"]))
     assert isinstance(loss, float) and np.isfinite(out["loss"])
     assert np.all(np.isfinite(grads["z"]))
+    # the same kernel with a weight per pixel; weights all 1 give the unweighted figures bit for bit
+    (out_w, grads_w), inputs_w, _ = check_case(name, dtype, WEIGHTED_SIGMOID_BCE, dims, seed, edit)
+    assert np.isfinite(out_w["loss"]) and np.all(np.isfinite(grads_w["z"]))
+    z, y = (be.asarray(inputs_w[k]) for k in ("z", "y"))
+    ones = be.asarray(np.ones(inputs_w["z"].shape, dtype))
+    loss_1, dz_1 = be.sigmoid_bce(z, y, ones)
+    loss_none, dz_none = be.sigmoid_bce(z, y)
+    assert loss_1 == loss_none
+    np.testing.assert_array_equal(host(be, dz_1), host(be, dz_none))
 
 
 # -- optimizer ---------------------------------------------------------------------
@@ -260,6 +269,8 @@ def test_sigmoid_bce_refuses_mismatched_targets(name):
     for shape in [(2, 1, 2, 2), (2, 1, 4, 5), (1, 1, 4, 4), (32,)]:
         with pytest.raises(ValueError, match="shape"):
             be.sigmoid_bce(z, be.asarray(np.zeros(shape, "float32")))
+        with pytest.raises(ValueError, match="weights w have shape"):
+            be.sigmoid_bce(z, z, be.asarray(np.ones(shape, "float32")))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -222,6 +222,19 @@ def test_sigmoid_bce(be, ref):
     assert loss == pytest.approx(lr, rel=1e-6)
     np.testing.assert_allclose(dz, dzr, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(be.sigmoid(z), ref.sigmoid(z), rtol=1e-6, atol=1e-30)
+    # a weight per pixel (the kernel reads w[idx]); weights all 1 give the unweighted loss bit for bit
+    w = (rng.random(z.shape) * 4).astype(be.dtype)
+    w.flat[4] = 0
+    loss_w, dz_w = be.sigmoid_bce(z, y, w)
+    lr_w, dzr_w = ref.sigmoid_bce(z, y, w)
+    assert loss_w == pytest.approx(lr_w, rel=1e-6)
+    np.testing.assert_allclose(dz_w, dzr_w, rtol=1e-6, atol=1e-9)
+    assert dz_w.flat[4] == 0
+    loss_1, dz_1 = be.sigmoid_bce(z, y, np.ones_like(z))
+    assert loss_1 == loss
+    np.testing.assert_array_equal(dz_1, dz)
+    with pytest.raises(ValueError, match="weights w have shape"):
+        be.sigmoid_bce(z, y, w[:1])
 
 
 def test_adam(be, ref):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from minunet.gradcheck import numeric_gradient
-from minunet.losses import bce_with_logits, loss_and_grad, soft_dice_with_logits, weighted_bce_with_logits
+from minunet.losses import bce_with_logits, loss_and_grad, soft_dice_with_logits
 from minunet.opcases import rel_err
 from minunet.optim import cosine_lr
 
@@ -33,20 +33,20 @@ def test_weighted_bce_values():
     z = rng.standard_normal((2, 1, 3, 3))
     y = (rng.random(z.shape) > 0.5).astype(float)
     ones = np.ones_like(z)
-    assert weighted_bce_with_logits(z, y, ones)[0] == pytest.approx(bce_with_logits(z, y)[0], rel=1e-12)
-    assert np.allclose(weighted_bce_with_logits(z, y, ones)[1], bce_with_logits(z, y)[1], rtol=1e-12)
+    assert bce_with_logits(z, y, weights=ones)[0] == pytest.approx(bce_with_logits(z, y)[0], rel=1e-12)
+    assert np.allclose(bce_with_logits(z, y, weights=ones)[1], bce_with_logits(z, y)[1], rtol=1e-12)
     # one pixel weighted 3: its loss counts three times, divided by the number of pixels as before
     w = ones.copy()
     w[1, 0, 2, 1] = 3
     per_pixel = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
-    loss, dz = weighted_bce_with_logits(z, y, w)
+    loss, dz = bce_with_logits(z, y, weights=w)
     assert loss == pytest.approx((per_pixel.sum() + 2 * per_pixel[1, 0, 2, 1]) / z.size, rel=1e-12)
     assert dz[1, 0, 2, 1] == pytest.approx(3 * bce_with_logits(z, y)[1][1, 0, 2, 1], rel=1e-12)
     big = np.array([[[[1e4, -1e4]]]])
-    loss, dz = weighted_bce_with_logits(big, np.array([[[[0.0, 1.0]]]]), np.full(big.shape, 2.0))
+    loss, dz = bce_with_logits(big, np.array([[[[0.0, 1.0]]]]), weights=np.full(big.shape, 2.0))
     assert loss == pytest.approx(2e4) and np.isfinite(dz).all()  # stable for any z
     with pytest.raises(ValueError, match="shape"):
-        weighted_bce_with_logits(z, y, np.ones((2, 1, 3, 2)))
+        bce_with_logits(z, y, weights=np.ones((2, 1, 3, 2)))
 
 
 def test_soft_dice_values():

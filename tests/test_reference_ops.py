@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minunet.gradcheck import check_case, check_ops, format_table
 from minunet.kernels.numpy_ref import NumpyBackend
-from minunet.opcases import MAXPOOL, RELU, SIGMOID_BCE, UPCONV, conv2d
+from minunet.opcases import MAXPOOL, RELU, SIGMOID_BCE, UPCONV, WEIGHTED_SIGMOID_BCE, conv2d
 
 be = NumpyBackend("float64")
 TOL = 1e-6
@@ -82,6 +82,7 @@ def test_upconv_concat_and_split_are_exact_and_adjoint(shape, cs, seed):
 def test_sigmoid_bce_gradient(shape, seed):
     n, h, w = shape
     vjp_check(SIGMOID_BCE, dict(n=n, h=h, w=w), seed)
+    vjp_check(WEIGHTED_SIGMOID_BCE, dict(n=n, h=h, w=w), seed)
 
 
 def test_check_ops_table_is_all_ok():

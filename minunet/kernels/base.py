@@ -129,12 +129,17 @@ class Backend(ABC):
         """Elementwise 1 / (1 + exp(-z)), stable for any z (NCHW in and out)."""
 
     @abstractmethod
-    def sigmoid_bce(self, z, y):
-        """Fused sigmoid + binary cross-entropy on NCHW logits z and targets y.
+    def sigmoid_bce(self, z, y, w=None):
+        """Fused sigmoid + binary cross-entropy on NCHW logits z and targets y, each pixel weighted by w
+        (an array of z's shape, or None: every weight 1).
 
-        Returns (mean loss as a Python float, dz) with
-            loss = mean(max(z,0) - z*y + log(1 + exp(-|z|)))
-            dz   = (sigmoid(z) - y) / z.size
+        Returns (loss as a Python float, dz) with, per pixel,
+            l    = max(z,0) - z*y + log(1 + exp(-|z|))      (stable for any z)
+            loss = sum(w * l) / z.size
+            dz   = w * (sigmoid(z) - y) / z.size
+        The sum is divided by the number of pixels, not by sum(w): with w = None (or all ones) it is the
+        mean BCE, and a batch split across ranks still sums back to the whole batch's loss.
+        y (and w) of another shape than z: ValueError.
         """
 
     # -- optimizer -----------------------------------------------------------
@@ -163,13 +168,13 @@ class Backend(ABC):
         out = tuple(self.asarray(a) for a in arrays)
         return out if len(out) != 1 else out[0]
 
-    def sigmoid_bce_device(self, z, y):
+    def sigmoid_bce_device(self, z, y, w=None):
         """As ``sigmoid_bce``, but returns (loss as a 0-d float64 array of ``xp``, dz).
 
         A GPU backend leaves the loss on the device, so a training loop need not wait
         for the GPU at every step: call float() on it only when it logs.
         Default: ``sigmoid_bce``'s float, wrapped as a 0-d array."""
-        loss, dz = self.sigmoid_bce(z, y)
+        loss, dz = self.sigmoid_bce(z, y, w)
         return self.xp.asarray(loss, dtype=self.xp.float64), dz
 
 
@@ -181,3 +186,12 @@ def check_dtype(dtype, allowed=("float32", "float64")) -> str:
     if name not in allowed:
         raise ValueError(f"dtype {name!r} is not supported here: choose {' or '.join(allowed)}")
     return name
+
+
+def check_same_shape(z, y, w=None) -> None:
+    """The fused loss reads targets y (and weights w) element for element with the logits z: refuse any
+    other shape (ValueError) rather than broadcast or read past the end."""
+    for label, a in (("targets y", y), ("weights w", w)):
+        if a is not None and tuple(a.shape) != tuple(z.shape):
+            raise ValueError(f"sigmoid_bce: {label} have shape {tuple(a.shape)}, logits z have {tuple(z.shape)}: "
+                             "they must match")

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minunet.kernels.base import Backend, check_dtype
+from minunet.kernels.base import Backend, check_dtype, check_same_shape
 
 
 class ConvCache(NamedTuple):
@@ -195,15 +195,21 @@ class NumpyBackend(Backend):
     def sigmoid(self, z):
         return _stable_sigmoid(z)
 
-    def sigmoid_bce(self, z, y):
-        """loss = mean(max(z,0) - z*y + log1p(exp(-|z|))); dz = (sigmoid(z) - y) / z.size.
+    def sigmoid_bce(self, z, y, w=None):
+        """loss = sum(w * l) / z.size with l = max(z,0) - z*y + log1p(exp(-|z|)); dz = w * (sigmoid(z) - y) / z.size
+        (w None: every weight 1, the mean BCE).
 
         The form avoids exp of a positive number, so it is finite for any z
         (log(sigmoid(z)) would overflow at z = -1e4)."""
+        check_same_shape(z, y, w)
         y = y.astype(z.dtype, copy=False)
         per_pixel = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+        diff = _stable_sigmoid(z) - y
+        if w is not None:
+            w = w.astype(z.dtype, copy=False)
+            per_pixel, diff = w * per_pixel, w * diff
         loss = float(per_pixel.mean(dtype=np.float64))
-        dz = (_stable_sigmoid(z) - y) / z.size
+        dz = diff / z.size
         return loss, dz.astype(z.dtype, copy=False)
 
     # -- optimizer -----------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from minunet.kernels.base import check_same_shape
 from minunet.kernels.cupy.cuda import CudaKernel
 
 
@@ -74,22 +75,24 @@ extern "C" __global__ void sigmoid_k(const real* __restrict__ z, real* __restric
         return s
 
     SIGMOID_BCE = CudaKernel("sigmoid_bce_k", r"""
-// Fused sigmoid + BCE with logits, per element:
-//   lp = max(z,0) - z*y + log1p(exp(-|z|))      dz = (sigmoid(z) - y) / n
+// Fused sigmoid + BCE with logits, each pixel weighted, per element:
+//   wi = w[idx * w_step]      (w_step 0: one weight for all, the unweighted loss with w = {1})
+//   lp = wi * (max(z,0) - z*y + log1p(exp(-|z|)))      dz = wi * (sigmoid(z) - y) / n
 extern "C" __global__ void sigmoid_bce_k(const real* __restrict__ z, const real* __restrict__ y,
+                                         const real* __restrict__ w, long long w_step,
                                          real* __restrict__ lp, real* __restrict__ dz,
                                          long long total, real n) {
     GRID_LOOP(idx, total) {
-        const real v = z[idx], t = y[idx];
+        const real v = z[idx], t = y[idx], wi = w[idx * w_step];
         const real e = EXP(-FABS(v));
-        lp[idx] = (v > (real)0 ? v : (real)0) - v * t + LOG1P(e);
+        lp[idx] = wi * ((v > (real)0 ? v : (real)0) - v * t + LOG1P(e));
         const real s = v >= (real)0 ? (real)1 / ((real)1 + e) : e / ((real)1 + e);
-        dz[idx] = (s - t) / n;
+        dz[idx] = wi * (s - t) / n;
     }
 }
 """)
 
-    def sigmoid_bce_device(self, z, y):
+    def sigmoid_bce_device(self, z, y, w=None):
         """As ``sigmoid_bce`` but the loss stays on the device as a 0-d float64 array.
 
         No host synchronisation: a training loop can keep it and call float() on it
@@ -97,18 +100,21 @@ extern "C" __global__ void sigmoid_bce_k(const real* __restrict__ z, const real*
         max(z, 0) term needs no NaN care.)"""
         z = self._c(z)
         y = self._c(y)
-        if y.shape != z.shape:
-            raise ValueError(f"targets have shape {tuple(y.shape)}, logits {tuple(z.shape)}")
+        w = None if w is None else self._c(w)
+        check_same_shape(z, y, w)
         lp = self.xp.empty_like(z)
         dz = self.xp.empty_like(z)
-        self._launch(self.SIGMOID_BCE, z.size, z, y, lp, dz, np.int64(z.size), self.dtype.type(z.size))
+        w_arg, w_step = (self._ones_vec(1), 0) if w is None else (w, 1)
+        self._launch(self.SIGMOID_BCE, z.size, z, y, w_arg, np.int64(w_step), lp, dz, np.int64(z.size),
+                     self.dtype.type(z.size))
         loss = lp.sum(dtype=np.float64) / z.size
         return loss, dz
 
-    def sigmoid_bce(self, z, y):
-        """loss = mean(max(z,0) - z*y + log1p(exp(-|z|))); dz = (sigmoid(z) - y) / z.size.
+    def sigmoid_bce(self, z, y, w=None):
+        """loss = sum(w * l) / z.size, l = max(z,0) - z*y + log1p(exp(-|z|)); dz = w * (sigmoid(z) - y) / z.size
+        (w None: every weight 1).
 
         Returns (loss as a Python float, dz). The float() waits for the GPU; see
         ``sigmoid_bce_device`` for the variant that does not."""
-        loss, dz = self.sigmoid_bce_device(z, y)
+        loss, dz = self.sigmoid_bce_device(z, y, w)
         return float(loss), dz

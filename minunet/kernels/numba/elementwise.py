@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from minunet.kernels.base import check_same_shape
 from minunet.kernels.numba import threads
 from minunet.kernels.numba.threads import JIT
 
@@ -83,33 +84,40 @@ def sigmoid(z):
 
 
 @njit(**JIT)
-def _sigmoid_bce(z, y, dz, size):
-    """Per pixel l = max(z,0) - z*y + log1p(exp(-|z|)), dz = (sigmoid(z) - y) / size; returns sum(l) (float64)."""
+def _sigmoid_bce(z, y, w, w_step, dz, size):
+    """Per pixel l = max(z,0) - z*y + log1p(exp(-|z|)), dz = w * (sigmoid(z) - y) / size; returns sum(w * l)
+    (float64). The weight of pixel i is w[i * w_step]: w_step 0 reads one weight for all (unweighted: w = [1],
+    and a product by 1 is exact, so the unweighted figures are bit for bit those of a kernel without w)."""
     acc = 0.0
     for i in range(z.size):
         v = z[i]
         t = y[i]
+        wi = w[i * w_step]
         e = np.exp(-abs(v))
-        acc += (max(v, 0) - v * t) + np.log1p(e)
+        acc += wi * ((max(v, 0) - v * t) + np.log1p(e))
         s = 1 / (1 + e) if v >= 0 else e / (1 + e)
-        dz[i] = (s - t) / size
+        dz[i] = wi * (s - t) / size
     return acc
 
 
-def sigmoid_bce(z, y):
-    """loss = mean(max(z,0) - z*y + log1p(exp(-|z|))); dz = (sigmoid(z) - y) / z.size. NCHW.
+def sigmoid_bce(z, y, w=None):
+    """loss = sum(w * l) / z.size, l = max(z,0) - z*y + log1p(exp(-|z|)); dz = w * (sigmoid(z) - y) / z.size.
+    NCHW; w None: every weight 1 (the mean BCE).
 
-    z and y must have the same shape (the kernel reads y element for element).
+    z, y (and w) must have the same shape (the kernel reads them element for element).
     The per-chunk sums (float64) are added in chunk order: deterministic."""
     z = np.ascontiguousarray(z)
-    if np.shape(y) != z.shape:
-        raise ValueError(f"sigmoid_bce: targets y have shape {np.shape(y)}, logits z have {z.shape}: they must match")
+    check_same_shape(z, y, w)
     y = np.ascontiguousarray(y, dtype=z.dtype)
+    weighted = w is not None
+    w = np.ascontiguousarray(w, dtype=z.dtype).reshape(-1) if weighted else np.ones(1, z.dtype)
     dz = np.empty_like(z)
     zf, yf, dzf = z.reshape(-1), y.reshape(-1), dz.reshape(-1)
     size = z.dtype.type(z.size)
     chunks = threads.flat_ranges(zf.size)
-    parts = threads.run(lambda lo, hi: _sigmoid_bce(zf[lo:hi], yf[lo:hi], dzf[lo:hi], size), chunks)
+    parts = threads.run(
+        lambda lo, hi: _sigmoid_bce(zf[lo:hi], yf[lo:hi], w[lo:hi] if weighted else w, int(weighted), dzf[lo:hi],
+                                    size), chunks)
     total = 0.0
     for s in parts:
         total += s
