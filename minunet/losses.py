@@ -19,7 +19,7 @@ def _check(logits, targets):
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} differ in shape")
 
 
-def bce_with_logits(logits, targets, backend=None, weights=None):
+def bce_with_logits(logits, targets, backend=None, weights=None, on_device=False):
     """Binary cross-entropy on raw logits, fused with the sigmoid (the backend's ``sigmoid_bce``), each
     pixel weighted by ``weights`` (w >= 0 of the logits' shape; None: every weight 1).
 
@@ -30,15 +30,16 @@ def bce_with_logits(logits, targets, backend=None, weights=None):
     batch is still the mean of its pixels' losses, so a batch split across ranks sums back to it.
     Lung training weighs the pixels of the infection mask more (``--lesion-weight``): the consolidated,
     white parts of a lung are the ones a lung model leaves out, and they are few among the lung's pixels.
+    ``on_device``: the loss as a 0-d float64 array of the backend's ``xp`` (``sigmoid_bce_device``), not a float.
     """
     _check(logits, targets)
     if weights is not None:
         _check(logits, weights)
     be = backend or _REFERENCE
-    return be.sigmoid_bce(logits, targets, weights)
+    return (be.sigmoid_bce_device if on_device else be.sigmoid_bce)(logits, targets, weights)
 
 
-def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0):
+def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0, on_device=False):
     """Soft Dice loss, 1 - mean over images of (2 I + s) / (S + s), on p = sigmoid(z).
 
     Per image n:  I = sum p*y,  S = sum p + sum y,  dice_n = (2 I + s) / (S + s).
@@ -46,7 +47,8 @@ def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0):
     and d p / d z = p (1 - p), so  dz = -(1/N) * d dice_n/dp * p (1 - p).
     The smoothing s keeps empty-mask images defined (dice = 1 when p ~ 0).
     Unlike BCE, every image weighs the same whatever its mask's size, which
-    speeds up learning the shape of the mask.
+    speeds up learning the shape of the mask. ``on_device``: the loss as a 0-d float64 array of the
+    backend's ``xp`` (no wait for a GPU), not a float; the same value.
     """
     _check(logits, targets)
     be = backend or _REFERENCE
@@ -57,20 +59,22 @@ def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0):
     inter = (p * y).sum(axis=axes, keepdims=True)  # (N,1,1,1)
     total = p.sum(axis=axes, keepdims=True) + y.sum(axis=axes, keepdims=True)
     dice = (2 * inter + smooth) / (total + smooth)
-    loss = 1.0 - float(dice.mean())
+    mean = dice.mean().astype(be.xp.float64)  # the image mean in p's dtype, as a float would hold it
+    loss = 1.0 - (mean if on_device else float(mean))
     ddice_dp = (2 * y * (total + smooth) - (2 * inter + smooth)) / (total + smooth) ** 2
     dz = (-(1.0 / n) * ddice_dp * p * (1 - p)).astype(logits.dtype, copy=False)
     return loss, dz
 
 
-def loss_and_grad(kind, logits, targets, backend=None, weights=None):
+def loss_and_grad(kind, logits, targets, backend=None, weights=None, on_device=False):
     """The training loss by name: 'bce' or 'bce+dice' (their sum). ``weights`` (None: every pixel 1) weigh
-    the BCE term per pixel (``bce_with_logits``); the soft Dice term is unweighted."""
+    the BCE term per pixel (``bce_with_logits``); the soft Dice term is unweighted. ``on_device``: the loss
+    as a 0-d float64 array of the backend's ``xp`` (a GPU need not finish the step before it returns)."""
     if kind == "bce":
-        return bce_with_logits(logits, targets, backend, weights)
+        return bce_with_logits(logits, targets, backend, weights, on_device)
     if kind == "bce+dice":
-        l1, d1 = bce_with_logits(logits, targets, backend, weights)
-        l2, d2 = soft_dice_with_logits(logits, targets, backend)
+        l1, d1 = bce_with_logits(logits, targets, backend, weights, on_device)
+        l2, d2 = soft_dice_with_logits(logits, targets, backend, on_device=on_device)
         d1 += d2
         return l1 + l2, d1
     raise ValueError(f"unknown loss {kind!r}: choose {' or '.join(LOSSES)}")

@@ -275,14 +275,63 @@ def _open_run_folder(out: Path, resume: bool, stack: contextlib.ExitStack, emit)
                              f"in {out} by processes that no longer run")
 
 
-def batch_gradient(model, loss: str, x, y, ranks, w=None) -> float:
-    """The loss of the batch (x, y) (BCE pixel weights w, or None), and its gradient in ``model.grads``, on
-    every rank.
+# On an asynchronous backend (a GPU) the loop reads the losses every this many steps: reading one waits for
+# every queued op, and the GPU would idle while the host prepares the next step. A CPU backend reads each.
+LOSS_READ_EVERY = 8
+
+
+class LossReader:
+    """The steps' losses, read on the host in order: each at once on a CPU backend; on a GPU every
+    ``every`` steps, at the end of an epoch and before a checkpoint, so that the steps in between stay queued.
+
+    Reading adds each loss to the epoch's sum (``state['loss_sum']``, ``state['n_seen']``) and finds the
+    first non-finite or diverged one; the loop then stops there. On a GPU the steps after it, up to the
+    read, were taken too, but they are never saved: the run stops without writing a checkpoint."""
+
+    def __init__(self, every: int):
+        self.every, self.pending = every, []
+
+    def add(self, epoch, batch, loss, n, state, read_now=False):
+        """Keep a step's loss (a float, or a 0-d device array); read the kept ones when due. Returns
+        (epoch, batch, loss) of the first bad loss read, or None."""
+        self.pending.append((epoch, batch, loss, n))
+        return self.read(state) if read_now or len(self.pending) >= self.every else None
+
+    def read(self, state):
+        """Read every kept loss, in order (see ``add``)."""
+        pending, self.pending = self.pending, []
+        for epoch, batch, loss, n in pending:
+            loss = float(loss)
+            if not math.isfinite(loss) or loss > DIVERGED_LOSS:
+                return epoch, batch, loss
+            state["loss_sum"] += loss * n
+            state["n_seen"] += n
+        return None
+
+
+def uploaded(loader, backend):
+    """The loader's batches (b, x, y, w) with x, y and w handed to ``backend.upload_async``. The loop asks
+    for batch k+1 after queueing the step that reads batch k, which is ``upload_async``'s contract: on a GPU
+    the next batch's copy overlaps the step; on a CPU backend it is ``asarray``."""
+    for b, x, y, w in loader:
+        if w is None:
+            x, y = backend.upload_async(x, y)
+        else:
+            x, y, w = backend.upload_async(x, y, w)
+        yield b, x, y, w
+
+
+def batch_gradient(model, loss: str, x, y, ranks, w=None):
+    """The loss of the batch (x, y) (BCE pixel weights w, or None; host or backend arrays), and its gradient
+    in ``model.grads``, on every rank.
 
     Each rank takes its contiguous share x[lo:hi] (``ranks.shard``). Both losses are means over
     the batch (BCE over its pixels, the soft Dice over its images), so the share's loss and its
     gradient w.r.t. the logits are scaled by (hi - lo) / len(x): summed over the ranks they are the
-    whole batch's, to float rounding. One process takes the whole batch unscaled."""
+    whole batch's, to float rounding. One process takes the whole batch unscaled.
+
+    The loss is a float, except for one process on an asynchronous backend (a GPU): there it is a 0-d
+    array on the device, so that the step is queued without waiting for it (``float()`` waits)."""
     be = model.backend
     lo, hi = ranks.shard(len(x))
     model.zero_grad()
@@ -290,7 +339,8 @@ def batch_gradient(model, loss: str, x, y, ranks, w=None) -> float:
     if hi > lo:  # a batch smaller than the number of ranks leaves some ranks without images
         logits = model.forward(be.asarray(x[lo:hi]))
         weights = None if w is None else be.asarray(w[lo:hi])
-        part, dz = loss_and_grad(loss, logits, be.asarray(y[lo:hi]), be, weights)
+        on_device = be.asynchronous and ranks.size == 1
+        part, dz = loss_and_grad(loss, logits, be.asarray(y[lo:hi]), be, weights, on_device)
         if ranks.size > 1:
             share = (hi - lo) / len(x)
             part *= share
@@ -499,6 +549,16 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
         write(out / "history.csv", lambda: write_history(out / "history.csv", state["history"]))
         write(out / "curves.png", lambda: draw_curves(out / "curves.png", state["history"]))
 
+    def stopped(epoch, b, loss):  # a non-finite or diverged loss at epoch ``epoch`` (from 0), batch ``b``
+        status = "nonfinite" if not math.isfinite(loss) else "diverged"
+        what = (f"the loss became {loss}" if status == "nonfinite" else
+                f"the loss reached {loss:.3g}, above {DIVERGED_LOSS:g} (BCE and Dice losses start near "
+                "0.7 and fall): training has diverged")
+        msg = f"{what} at epoch {epoch + 1}, batch {b + 1}: training stopped; {_smaller_lr_advice(cfg, out, saved_at)}"
+        emit(status, epoch=epoch + 1, batch=b + 1, loss=loss, message=msg)
+        return TrainResult(status, out, state["history"], state["best_dice"], state["best_epoch"], msg)
+
+    losses = LossReader(LOSS_READ_EVERY if model.backend.asynchronous else 1)
     consistent = True  # False while the parameters are half-way through an update
     try:
         if ranks.any(guard.requested):  # asked to stop since the data was decoded
@@ -510,25 +570,17 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
             emit("epoch_start", epoch=epoch + 1, epochs=cfg.epochs, n_batches=n_b, start=state["batch"])
             t_start = time.perf_counter() - state["seconds"]
             t_images, n_images = time.perf_counter(), 0
-            for b, x, y, w in loader:
+            for b, x, y, w in uploaded(loader, model.backend):
                 lr = learning_rate(cfg, state["step"], total_steps)
                 opt.lr = lr
                 loss = batch_gradient(model, cfg.loss, x, y, ranks, w)
-                if not math.isfinite(loss) or loss > DIVERGED_LOSS:
-                    status = "nonfinite" if not math.isfinite(loss) else "diverged"
-                    what = (f"the loss became {loss}" if status == "nonfinite" else
-                            f"the loss reached {loss:.3g}, above {DIVERGED_LOSS:g} (BCE and Dice losses start near "
-                            "0.7 and fall): training has diverged")
-                    msg = (f"{what} at epoch {epoch + 1}, batch {b + 1}: training stopped; "
-                           f"{_smaller_lr_advice(cfg, out, saved_at)}")
-                    emit(status, epoch=epoch + 1, batch=b + 1, loss=loss, message=msg)
-                    return TrainResult(status, out, state["history"], state["best_dice"], state["best_epoch"], msg)
                 consistent = False
+                bad = losses.add(epoch, b, loss, len(x), state, read_now=b + 1 == n_b)
+                if bad:
+                    return stopped(*bad)
                 opt.step()
                 state["step"] += 1
                 state["batch"] = b + 1
-                state["loss_sum"] += loss * len(x)
-                state["n_seen"] += len(x)
                 state["seconds"] = time.perf_counter() - t_start
                 consistent = True
                 n_images += len(x)
@@ -559,6 +611,9 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
     except KeyboardInterrupt:
         by = guard.requested or "SIGINT"  # a KeyboardInterrupt without a handled signal is a Ctrl-C
         msg = f"interrupted ({by}) at epoch {state['epoch'] + 1}, batch {state['batch']}/{n_b}"
+        bad = losses.read(state) if consistent else None  # no unread loss goes into a checkpoint
+        if bad:
+            return stopped(*bad)
         if consistent:
             save("last.npz")
             msg += f"; saved {out / 'last.npz'}: continue with --resume --out {out}"

@@ -121,9 +121,9 @@ def poison_loss(monkeypatch, at_call, value=float("nan")):
     calls = []
     real = train_mod.loss_and_grad
 
-    def poisoned(kind, z, y, be, weights=None):
+    def poisoned(kind, z, y, be, weights=None, on_device=False):
         calls.append(1)
-        loss, dz = real(kind, z, y, be, weights)
+        loss, dz = real(kind, z, y, be, weights, on_device)
         return (value if len(calls) == at_call else loss), dz
 
     monkeypatch.setattr(train_mod, "loss_and_grad", poisoned)
@@ -369,6 +369,34 @@ def test_the_progress_bar_shows_an_eta(monkeypatch, tty):
     assert "ETA 100:43:20" in stream.getvalue(), stream.getvalue()
 
 
+@pytest.mark.parametrize("tty", [True, False])
+def test_the_progress_bar_reads_a_callable_extra_only_for_a_line_it_draws(monkeypatch, tty):
+    """Training hands the bar its loss text as a callable: on a GPU, reading the loss waits for the GPU."""
+    import io
+
+    from minunet.cli import common
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+
+    clock = FakeClock()
+    monkeypatch.setattr(common.time, "monotonic", clock)
+    stream, calls = Stream(), []
+    bar = common.Bar(stream, log_every=60.0)
+
+    def extra():
+        calls.append(1)
+        return "loss 0.1234"
+
+    clock.t += 61.0
+    bar.update("epoch 1/1", 1, 100, extra)  # drawn (a tty draws at once; a log after log_every)
+    assert len(calls) == 1 and "loss 0.1234" in stream.getvalue()
+    for done in range(2, 50):  # no time passes: nothing is drawn, nothing read
+        bar.update("epoch 1/1", done, 100, extra)
+    assert len(calls) == 1
+
+
 def test_curves_keep_dice_on_a_0_to_1_axis(tmp_path):
     from PIL import Image
 
@@ -386,3 +414,99 @@ def test_curves_keep_dice_on_a_0_to_1_axis(tmp_path):
     # on a 0-1 axis the three points lie within 2% of the panel's height, around 0.81 of it
     assert ys.max() - ys.min() < 0.02 * (bottom - top) + 10, (ys.min(), ys.max())
     assert abs(ys.mean() - (bottom - 0.81 * (bottom - top))) < 5, ys.mean()
+
+
+# -- an asynchronous backend (a GPU): losses read now and then, batches uploaded ahead ------------------
+
+
+def make_asynchronous(patch):
+    """The numpy backend flagged asynchronous, as a GPU's is, with losses read every 2 steps (3 per epoch
+    here, so some reads fall inside an epoch and one at its end); ``patch`` is a monkeypatch. Returns the
+    types of the losses the loop gets from ``batch_gradient``, as it gets them."""
+    from minunet.kernels.numpy_ref import NumpyBackend
+
+    patch.setattr(NumpyBackend, "asynchronous", True)
+    patch.setattr(train_mod, "LOSS_READ_EVERY", 2)
+    kinds, real = [], train_mod.batch_gradient
+
+    def spy(*a, **kw):
+        loss = real(*a, **kw)
+        kinds.append(type(loss))
+        return loss
+
+    patch.setattr(train_mod, "batch_gradient", spy)
+    return kinds
+
+
+@pytest.fixture
+def asynchronous(monkeypatch):
+    return make_asynchronous(monkeypatch)
+
+
+def test_an_asynchronous_backend_trains_to_the_same_bits(data_dir, tmp_path, monkeypatch):
+    train(cfg(data_dir, tmp_path / "sync"))
+    with monkeypatch.context() as m:
+        kinds = make_asynchronous(m)
+        train(cfg(data_dir, tmp_path / "async"))
+    assert len(kinds) == 6 and float not in kinds  # the loss stayed an array: nothing waited for it
+    pa, ma, va, sa = params_and_moments(tmp_path / "sync" / "last.npz")
+    pb, mb, vb, sb = params_and_moments(tmp_path / "async" / "last.npz")
+    for n in pa:
+        assert np.array_equal(pa[n], pb[n]) and np.array_equal(ma[n], mb[n]) and np.array_equal(va[n], vb[n]), n
+    for ra, rb in zip(sa["history"], sb["history"], strict=True):
+        assert ra["train_loss"] == rb["train_loss"] and ra["val_dice"] == rb["val_dice"]
+
+
+def test_an_asynchronous_backend_stops_on_a_nan_at_the_next_read(data_dir, tmp_path, asynchronous, monkeypatch):
+    """The 5th loss (epoch 2, batch 2) is NaN: it is read at step 6, the end of epoch 2 (reads every 2 steps
+    and at the end of each epoch: steps 2, 3 | 5, 6); the message names the poisoned batch and nothing of
+    the steps after it is saved."""
+    poison_loss(monkeypatch, 5)
+    res = train(cfg(data_dir, tmp_path / "n", epochs=3))
+    assert res.status == "nonfinite" and "epoch 2, batch 2" in res.message, res.message
+    state = load_checkpoint(tmp_path / "n" / "last.npz").meta["state"]
+    assert state["epoch"] == 1 and state["step"] == 3
+
+
+def test_an_interrupt_on_an_asynchronous_backend_reads_the_losses_before_saving(data_dir, tmp_path,
+                                                                                 asynchronous):
+    train(cfg(data_dir, tmp_path / "a"))
+
+    def ctrl_c(event, **info):
+        if event == "batch" and info["epoch"] == 2 and info["batch"] == 1:  # one loss of epoch 2 unread
+            raise KeyboardInterrupt
+
+    assert train(cfg(data_dir, tmp_path / "b"), ctrl_c).status == "interrupted"
+    state = load_checkpoint(tmp_path / "b" / "last.npz").meta["state"]
+    assert state["step"] == 4 and state["n_seen"] == 3 and state["loss_sum"] > 0  # the unread loss counted
+    assert train(cfg(data_dir, tmp_path / "b"), resume=True).status == "done"
+    _, _, _, sa = params_and_moments(tmp_path / "a" / "last.npz")
+    _, _, _, sb = params_and_moments(tmp_path / "b" / "last.npz")
+    assert [r["train_loss"] for r in sa["history"]] == [r["train_loss"] for r in sb["history"]]
+
+
+def test_the_next_batch_is_uploaded_after_the_step_that_reads_the_current_one(data_dir, tmp_path, monkeypatch):
+    """``upload_async``'s contract: batch k+1 is handed over after the step of batch k is queued."""
+    from minunet.kernels.numpy_ref import NumpyBackend
+
+    calls, real_upload, real_step = [], NumpyBackend.upload_async, train_mod.batch_gradient
+    monkeypatch.setattr(NumpyBackend, "upload_async",
+                        lambda self, *a, **kw: calls.append("upload") or real_upload(self, *a, **kw))
+    monkeypatch.setattr(train_mod, "batch_gradient", lambda *a, **kw: calls.append("step") or real_step(*a, **kw))
+    train(cfg(data_dir, tmp_path / "u", epochs=1))
+    assert calls == ["upload", "step"] * 3
+
+
+def test_the_loss_reader_reads_in_order_and_stops_at_the_first_bad_loss():
+    from minunet.train import DIVERGED_LOSS, LossReader
+
+    state = {"loss_sum": 0.0, "n_seen": 0}
+    r = LossReader(every=3)
+    assert r.add(0, 0, np.float64(0.5), 2, state) is None and r.add(0, 1, np.float64(0.25), 2, state) is None
+    assert state["n_seen"] == 0  # not read yet
+    assert r.add(0, 2, np.float64(0.125), 4, state) is None  # the third: all three read
+    assert state == {"loss_sum": 0.5 * 2 + 0.25 * 2 + 0.125 * 4, "n_seen": 8}
+    assert r.add(1, 0, 2.0, 1, state) is None
+    assert r.add(1, 1, 10 * DIVERGED_LOSS, 1, state, read_now=True) == (1, 1, 10 * DIVERGED_LOSS)
+    assert state["n_seen"] == 9  # the good one before the bad one is counted, the bad one is not
+    assert r.read(state) is None  # nothing left

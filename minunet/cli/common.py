@@ -148,11 +148,15 @@ class Bar:
         now = time.monotonic()
         if label != self.label:
             self.label, self.t0, self.done0 = label, now, done
-        tail = " ".join(t for t in (f"{done}/{total}", self.eta(now, done, total), extra) if t)
+
+        def tail():  # ``extra`` may be a callable, called only for a line that is drawn
+            text = extra() if callable(extra) else extra
+            return " ".join(t for t in (f"{done}/{total}", self.eta(now, done, total), text) if t)
+
         if not self.tty:
             if now - self.last >= self.log_every and done < total:
                 self.last = now
-                self.stream.write(f"{label} {tail}\n")
+                self.stream.write(f"{label} {tail()}\n")
                 self.stream.flush()
             return
         if not force and now - self.last < 0.1 and done < total:
@@ -160,7 +164,7 @@ class Bar:
         self.last = now
         width = 28
         fill = int(width * done / max(total, 1))
-        line = f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {tail}"
+        line = f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {tail()}"
         self.stream.write(line.ljust(100)[:140])
         self.stream.flush()
         self.shown = True

@@ -55,8 +55,10 @@ class TrainReporter:
                 self.header_done = True
             self.epoch, self.epochs = i["epoch"], i["epochs"]
         elif event == "batch":
+            # a callable: the loss (on a GPU, a device value; reading it waits for the GPU) is read only
+            # when the bar draws a line, at most ten times a second
             self.bar.update(f"epoch {i['epoch']}/{self.epochs}", i["batch"], i["n_batches"],
-                            f"loss {i['loss']:.4f}  {i['images_per_s']:.1f} img/s")
+                            lambda: f"loss {float(i['loss']):.4f}  {i['images_per_s']:.1f} img/s")
         elif event == "validate":
             self.bar.update(f"validating {self.epoch}/{self.epochs}", i["done"], i["total"])
         elif event == "epoch_end":

@@ -52,6 +52,9 @@ class Backend(ABC):
 
     name: str
     xp: Any  # the array module: numpy or cupy
+    # True where ops are queued on a device and return at once (a GPU): reading a result on the host
+    # (float() of a loss) then waits for every queued op, so the training loop reads losses only now and then.
+    asynchronous: bool = False
 
     # -- layout --------------------------------------------------------------
     @abstractmethod

@@ -58,6 +58,7 @@ class CupyBackend(ConvOps, ElementwiseOps, PoolOps, UpConvOps, AdamOps, Backend)
     """
 
     name = "cupy"
+    asynchronous = True  # kernels and copies are queued on the current stream; float() of a result waits
 
     def __init__(self, dtype="float32", col_budget_bytes: int = 2 << 30):
         self.dtype = np.dtype(check_dtype(dtype))
