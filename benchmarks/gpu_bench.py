@@ -195,6 +195,17 @@ def summary(json_dir, tests_line, device_line):
             lines.append(f"target base 64 <= 1.5x PyTorch fp32 (TF32 off): {mine / fp32:.2f}x  {verdict}")
     else:
         lines.append("training step  : not run or failed (see above)")
+    train = load("gpu_train.json")
+    if train:
+        rate = train["steady_images_per_s"]
+        lines.append("")
+        lines.append(f"training       : {' -> '.join(train['statuses'])}; resume "
+                     f"{'bit-identical' if train['resume_bit_identical'] else 'NOT bit-identical'}; "
+                     + (f"{rate:.1f} img/s on the sample" if rate else "no rate"))
+        for name, s in train["projected_epoch_train_s"].items():
+            lines.append(f"  one epoch of {name}: {s:.0f} s of training")
+    else:
+        lines.append("training       : not run or failed (see above)")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(json_dir, "summary.txt"), "w") as f:

@@ -1,0 +1,61 @@
+"""benchmarks/gpu_train_check.py (stage (f) of gpu_check.sh) run small on a CPU backend, so that the script a
+GPU session runs in its few minutes is known to work before it gets there."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from minidata import make_qu
+
+
+def load_script(name="gpu_train_check"):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_it_trains_interrupts_resumes_and_reports(tmp_path, capsys):
+    make_qu(tmp_path / "data", n_per_class=4)
+    script = load_script()
+    args = ["--data", str(tmp_path / "data"), "--backend", "numpy", "--epochs", "2", "--batch-size", "3",
+            "--size", "32", "--base", "4", "--depth", "2", "--out", str(tmp_path / "runs"),
+            "--json", str(tmp_path / "r.json")]
+    assert script.main(args) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["statuses"] == ["done", "interrupted", "done"] and r["resume_bit_identical"] and r["resume_same_losses"]
+    assert r["stop_at"] == 4  # 4 batches of 3 per epoch here (12 images, the val share taken out): mid epoch 2
+    assert len(r["history"]) == 2 and r["steady_images_per_s"] > 0
+    assert set(r["projected_epoch_train_s"]) == set(script.PROJECT_TO)
+    printed = capsys.readouterr().out
+    assert "resume: bit-identical" in printed and "21,715 images" in printed
+    # gpu_check.sh's summary reads the file under its name
+    (tmp_path / "r.json").rename(tmp_path / "gpu_train.json")
+    load_script("gpu_bench").summary(str(tmp_path), "", "")
+    text = (tmp_path / "summary.txt").read_text()
+    assert "training       : done -> interrupted -> done; resume bit-identical" in text, text
+    assert "one epoch of COVID-QU-Ex lung data" in text
+
+
+def test_it_fails_when_the_resumed_weights_differ(tmp_path, monkeypatch):
+    """The check can fail: here the resumed run continues at twice the learning rate (a change --resume
+    allows), so it lands on other weights, and the script says so and exits 1."""
+    import dataclasses
+
+    make_qu(tmp_path / "data", n_per_class=4)
+    script = load_script()
+    real = script.train
+
+    def resume_with_another_lr(cfg, *a, resume=False, **kw):
+        return real(dataclasses.replace(cfg, lr=2 * cfg.lr) if resume else cfg, *a, resume=resume, **kw)
+
+    monkeypatch.setattr(script, "train", resume_with_another_lr)
+    args = ["--data", str(tmp_path / "data"), "--backend", "numpy", "--epochs", "2", "--batch-size", "3",
+            "--size", "32", "--base", "4", "--depth", "2", "--out", str(tmp_path / "runs"),
+            "--json", str(tmp_path / "r.json")]
+    assert script.main(args) == 1
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["statuses"] == ["done", "interrupted", "done"] and not r["resume_bit_identical"] and r["differ"]
