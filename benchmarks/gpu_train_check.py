@@ -1,5 +1,5 @@
 """Train on a backend (a GPU: cupy) from the shipped sample, then check that an interrupted run resumes to the
-same bits. Stage (f) of benchmarks/gpu_check.sh; on a CPU backend the tests run it small.
+same bits. Stage (e) of benchmarks/gpu_check.sh; on a CPU backend the tests run it small.
 
     python3 benchmarks/gpu_train_check.py [--backend cupy] [--epochs 3] [--out DIR] [--json F]
 
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minunet.checkpoint import load_checkpoint  # noqa: E402
+from minunet.interrupt import interrupt_after  # noqa: E402
 from minunet.train import TrainConfig, train  # noqa: E402
 
 PROJECT_TO = {"COVID-QU-Ex Train (infection data)": 3728, "COVID-QU-Ex lung data": 21715}
@@ -69,16 +70,8 @@ def main(argv=None) -> int:
     rows = first.history
     n_batches = (load_checkpoint(out / "a" / "last.npz").meta["state"]["step"] // a.epochs) if rows else 0
     stop_at = a.stop_at or n_batches + max(n_batches // 2, 1)
-    steps = []
-
-    def ctrl_c(event, **info):
-        if event == "batch":
-            steps.append(1)
-            if len(steps) == stop_at:
-                raise KeyboardInterrupt
-
     t1 = time.perf_counter()
-    stopped = train(config(a, out / "b"), ctrl_c)
+    stopped = train(config(a, out / "b"), interrupt_after(stop_at))
     resumed = train(config(a, out / "b"), resume=True)
     print(f"run B: {stopped.status} after step {stop_at}, then resumed: {resumed.status} "
           f"({time.perf_counter() - t1:.1f} s)", flush=True)

@@ -35,3 +35,19 @@ class InterruptGuard:
         for sig, old in self.old.items():
             signal.signal(sig, old)
         return False
+
+
+def interrupt_after(steps: int):
+    """A ``progress`` callback for ``train`` that raises KeyboardInterrupt, as Ctrl-C would, at the
+    ``steps``-th batch event (the step after which the run stops): how the resume checks (the tests,
+    benchmarks/gpu_train_check.py) stop a run in the middle of an epoch."""
+    seen = 0
+
+    def progress(event, **info):
+        nonlocal seen
+        if event == "batch":
+            seen += 1
+            if seen == steps:
+                raise KeyboardInterrupt
+
+    return progress

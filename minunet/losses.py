@@ -1,8 +1,11 @@
-"""Losses. Each returns (mean loss as a float, gradient w.r.t. the logits).
+"""Losses. Each returns (loss as a float, gradient w.r.t. the logits); the loss is a mean over the
+batch (BCE: per pixel, optionally weighted; soft Dice: per image).
 
 All take NCHW logits z and targets y of the same shape; ``backend`` defaults
 to the NumPy reference (any float dtype). Pass the model's backend to keep
-the work on its device.
+the work on its device. With ``on_device=True`` the loss is not turned into a Python float (which
+would wait for a GPU to finish the step): it stays a float64 value of the backend's ``xp`` (a 0-d
+array on a GPU; NumPy turns 0-d arithmetic into a numpy scalar), read later with ``float()``.
 """
 
 from __future__ import annotations
@@ -30,12 +33,9 @@ def bce_with_logits(logits, targets, backend=None, weights=None, on_device=False
     batch is still the mean of its pixels' losses, so a batch split across ranks sums back to it.
     Lung training weighs the pixels of the infection mask more (``--lesion-weight``): the consolidated,
     white parts of a lung are the ones a lung model leaves out, and they are few among the lung's pixels.
-    ``on_device``: the loss as a 0-d float64 array of the backend's ``xp`` (``sigmoid_bce_device``), not a float.
+    ``on_device``: the loss as a float64 value of the backend's ``xp`` (``sigmoid_bce_device``), not a float.
     """
-    _check(logits, targets)
-    if weights is not None:
-        _check(logits, weights)
-    be = backend or _REFERENCE
+    be = backend or _REFERENCE  # its sigmoid_bce refuses targets or weights of another shape
     return (be.sigmoid_bce_device if on_device else be.sigmoid_bce)(logits, targets, weights)
 
 
@@ -47,7 +47,7 @@ def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0, on_device=F
     and d p / d z = p (1 - p), so  dz = -(1/N) * d dice_n/dp * p (1 - p).
     The smoothing s keeps empty-mask images defined (dice = 1 when p ~ 0).
     Unlike BCE, every image weighs the same whatever its mask's size, which
-    speeds up learning the shape of the mask. ``on_device``: the loss as a 0-d float64 array of the
+    speeds up learning the shape of the mask. ``on_device``: the loss as a float64 value of the
     backend's ``xp`` (no wait for a GPU), not a float; the same value.
     """
     _check(logits, targets)
@@ -69,7 +69,7 @@ def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0, on_device=F
 def loss_and_grad(kind, logits, targets, backend=None, weights=None, on_device=False):
     """The training loss by name: 'bce' or 'bce+dice' (their sum). ``weights`` (None: every pixel 1) weigh
     the BCE term per pixel (``bce_with_logits``); the soft Dice term is unweighted. ``on_device``: the loss
-    as a 0-d float64 array of the backend's ``xp`` (a GPU need not finish the step before it returns)."""
+    as a float64 value of the backend's ``xp`` (a GPU need not finish the step before it returns)."""
     if kind == "bce":
         return bce_with_logits(logits, targets, backend, weights, on_device)
     if kind == "bce+dice":

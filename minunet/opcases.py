@@ -239,7 +239,9 @@ def _make_weighted_logits(rng, dtype, n, h, w):
     """As ``_make_logits``, plus pixel weights in [0, 4) (some exactly 0, some 1) for the weighted loss."""
     inputs, upstream = _make_logits(rng, dtype, n, h, w)
     weights = (4 * rng.random(inputs["z"].shape)).astype(dtype)
-    weights.flat[: min(2, weights.size)] = [0, 1][: min(2, weights.size)]
+    weights.flat[0] = 0  # a pixel that does not count
+    if weights.size > 1:
+        weights.flat[1] = 1
     return dict(inputs, w=weights), upstream
 
 

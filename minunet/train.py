@@ -321,6 +321,13 @@ def uploaded(loader, backend):
         yield b, x, y, w
 
 
+def loss_stays_on_device(backend, ranks) -> bool:
+    """Whether each step's loss stays on the device until ``LossReader`` reads it: one process on an
+    asynchronous backend (a GPU). Several ranks sum their losses on the host at every step anyway
+    (``ranks.sum_gradients``), so theirs are read at once."""
+    return backend.asynchronous and ranks.size == 1
+
+
 def batch_gradient(model, loss: str, x, y, ranks, w=None):
     """The loss of the batch (x, y) (BCE pixel weights w, or None; host or backend arrays), and its gradient
     in ``model.grads``, on every rank.
@@ -339,8 +346,7 @@ def batch_gradient(model, loss: str, x, y, ranks, w=None):
     if hi > lo:  # a batch smaller than the number of ranks leaves some ranks without images
         logits = model.forward(be.asarray(x[lo:hi]))
         weights = None if w is None else be.asarray(w[lo:hi])
-        on_device = be.asynchronous and ranks.size == 1
-        part, dz = loss_and_grad(loss, logits, be.asarray(y[lo:hi]), be, weights, on_device)
+        part, dz = loss_and_grad(loss, logits, be.asarray(y[lo:hi]), be, weights, loss_stays_on_device(be, ranks))
         if ranks.size > 1:
             share = (hi - lo) / len(x)
             part *= share
@@ -558,7 +564,7 @@ def _train_locked(cfg: TrainConfig, out: Path, emit, guard: InterruptGuard, resu
         emit(status, epoch=epoch + 1, batch=b + 1, loss=loss, message=msg)
         return TrainResult(status, out, state["history"], state["best_dice"], state["best_epoch"], msg)
 
-    losses = LossReader(LOSS_READ_EVERY if model.backend.asynchronous else 1)
+    losses = LossReader(LOSS_READ_EVERY if loss_stays_on_device(model.backend, ranks) else 1)
     consistent = True  # False while the parameters are half-way through an update
     try:
         if ranks.any(guard.requested):  # asked to stop since the data was decoded

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from benchscripts import load_script
 
 from minunet.kernels.cupy import cuda_status
 
@@ -92,9 +90,6 @@ def test_upload_async_delivers_every_batch_intact(be):
 def test_unet_matches_pytorch_twin():
     """The same weights in minunet (cupy) and in a PyTorch twin: same loss, logits, grads, Adam step."""
     pytest.importorskip("torch")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    gpu_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_bench)
+    gpu_bench = load_script("gpu_bench")
     ok, errs = gpu_bench.check_twin(base=4, depth=2, batch=2, size=32)
     assert ok, errs

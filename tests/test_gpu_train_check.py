@@ -1,30 +1,25 @@
-"""benchmarks/gpu_train_check.py (stage (f) of gpu_check.sh) run small on a CPU backend, so that the script a
-GPU session runs in its few minutes is known to work before it gets there."""
+"""benchmarks/gpu_train_check.py (stage (e) of gpu_check.sh) run small on a CPU backend, so that the script
+gpu_check.sh runs on a GPU is known to work before a GPU runs it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
+from benchscripts import load_script
 from minidata import make_qu
 
 
-def load_script(name="gpu_train_check"):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def small_run_args(tmp_path):
+    """A run of 2 epochs of a tiny model on the numpy backend, its results in tmp_path/r.json."""
+    return ["--data", str(tmp_path / "data"), "--backend", "numpy", "--epochs", "2", "--batch-size", "3",
+            "--size", "32", "--base", "4", "--depth", "2", "--out", str(tmp_path / "runs"),
+            "--json", str(tmp_path / "r.json")]
 
 
 def test_it_trains_interrupts_resumes_and_reports(tmp_path, capsys):
     make_qu(tmp_path / "data", n_per_class=4)
-    script = load_script()
-    args = ["--data", str(tmp_path / "data"), "--backend", "numpy", "--epochs", "2", "--batch-size", "3",
-            "--size", "32", "--base", "4", "--depth", "2", "--out", str(tmp_path / "runs"),
-            "--json", str(tmp_path / "r.json")]
-    assert script.main(args) == 0
+    script = load_script("gpu_train_check")
+    assert script.main(small_run_args(tmp_path)) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["statuses"] == ["done", "interrupted", "done"] and r["resume_bit_identical"] and r["resume_same_losses"]
     assert r["stop_at"] == 4  # 4 batches of 3 per epoch here (12 images, the val share taken out): mid epoch 2
@@ -46,16 +41,13 @@ def test_it_fails_when_the_resumed_weights_differ(tmp_path, monkeypatch):
     import dataclasses
 
     make_qu(tmp_path / "data", n_per_class=4)
-    script = load_script()
+    script = load_script("gpu_train_check")
     real = script.train
 
     def resume_with_another_lr(cfg, *a, resume=False, **kw):
         return real(dataclasses.replace(cfg, lr=2 * cfg.lr) if resume else cfg, *a, resume=resume, **kw)
 
     monkeypatch.setattr(script, "train", resume_with_another_lr)
-    args = ["--data", str(tmp_path / "data"), "--backend", "numpy", "--epochs", "2", "--batch-size", "3",
-            "--size", "32", "--base", "4", "--depth", "2", "--out", str(tmp_path / "runs"),
-            "--json", str(tmp_path / "r.json")]
-    assert script.main(args) == 1
+    assert script.main(small_run_args(tmp_path)) == 1
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["statuses"] == ["done", "interrupted", "done"] and not r["resume_bit_identical"] and r["differ"]

@@ -3,16 +3,11 @@ on masks whose areas are known."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from benchscripts import load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "infection_tradeoff.py"
-spec = importlib.util.spec_from_file_location("infection_tradeoff", SCRIPT)
-tradeoff = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tradeoff)
+tradeoff = load_script("infection_tradeoff")
 
 
 def test_band_rows_on_masks_of_known_areas():
