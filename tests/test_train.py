@@ -504,3 +504,15 @@ def test_the_loss_reader_reads_in_order_and_stops_at_the_first_bad_loss():
     assert r.add(1, 1, 10 * DIVERGED_LOSS, 1, state, read_now=True) == (1, 1, 10 * DIVERGED_LOSS)
     assert state["n_seen"] == 9  # the good one before the bad one is counted, the bad one is not
     assert r.read(state) is None  # nothing left
+
+
+def test_only_one_process_on_an_asynchronous_backend_keeps_its_losses_on_the_device():
+    from types import SimpleNamespace
+
+    from minunet.train import loss_stays_on_device
+
+    gpu, cpu = SimpleNamespace(asynchronous=True), SimpleNamespace(asynchronous=False)
+    one, two = SimpleNamespace(size=1), SimpleNamespace(size=2)
+    assert loss_stays_on_device(gpu, one)
+    assert not loss_stays_on_device(gpu, two)  # ranks sum their losses on the host at every step
+    assert not loss_stays_on_device(cpu, one)
