@@ -14,7 +14,9 @@ from minunet.kernels.numpy_ref import NumpyBackend
 
 _REFERENCE = NumpyBackend("float64")
 
-LOSSES = ("bce", "bce+dice")
+LOSSES = ("bce", "bce+dice", "bce+dice+image")
+# The weight of the image-level term in "bce+dice+image" (measured for the lesion model: README, its card).
+IMAGE_TERM_WEIGHT = 0.5
 
 
 def _check(logits, targets):
@@ -66,15 +68,55 @@ def soft_dice_with_logits(logits, targets, backend=None, smooth=1.0, on_device=F
     return loss, dz
 
 
+def image_bce_with_logits(logits, targets, backend=None, on_device=False):
+    """An image-level term: does image n hold any foreground? Its logit s_n is the log-mean-exp of the
+    image's pixel logits (a smooth maximum: large when some pixels are sure), scored by BCE against
+    h_n = 1 when y_n has a foreground pixel, else 0. The mean over the N images of the batch.
+
+    Per image n of P pixels, m_n = max_i z_ni (subtracted so that exp never overflows):
+        s_n  = log((1/P) sum_i exp(z_ni)) = m_n + log((1/P) sum_i exp(z_ni - m_n))
+        loss = (1/N) sum_n [max(s_n, 0) - s_n h_n + log(1 + exp(-|s_n|))]
+        ds_n / dz_ni = softmax(z_n)_i = exp(z_ni - m_n) / sum_j exp(z_nj - m_n)
+        dz_ni = (1/N) (sigmoid(s_n) - h_n) softmax(z_n)_i
+    Why: the pixel losses weigh a lesion by its pixels, so a model can miss a whole faint lesion, or
+    paint a few specks on a healthy lung, at little cost; the image's own yes/no is what ``fp_image_rate``
+    and the missed images of ``dice_nonempty`` count. The gradient goes to the pixels the model is
+    surest of (softmax), pushing them up on an image with a lesion and down on one without.
+    ``on_device``: the loss as a float64 value of the backend's ``xp``, not a float (see above)."""
+    _check(logits, targets)
+    be = backend or _REFERENCE
+    xp = be.xp
+    n = logits.shape[0]
+    z = logits.reshape(n, -1)
+    has = (targets.reshape(n, -1) > 0).any(axis=1).astype(xp.float64)
+    top = z.max(axis=1, keepdims=True)
+    e = xp.exp(z - top)
+    total = e.sum(axis=1, keepdims=True)
+    s = (top + xp.log(total / z.shape[1]))[:, 0].astype(xp.float64)
+    per_image = xp.maximum(s, 0) - s * has + xp.log1p(xp.exp(-xp.abs(s)))
+    mean = per_image.mean()
+    loss = mean if on_device else float(mean)
+    sig = 0.5 * (1 + xp.tanh(s / 2))  # sigmoid(s) without overflow for any s
+    g = ((sig - has) / n).astype(logits.dtype)
+    dz = (g[:, None] * (e / total)).reshape(logits.shape).astype(logits.dtype, copy=False)
+    return loss, dz
+
+
 def loss_and_grad(kind, logits, targets, backend=None, weights=None, on_device=False):
-    """The training loss by name: 'bce' or 'bce+dice' (their sum). ``weights`` (None: every pixel 1) weigh
-    the BCE term per pixel (``bce_with_logits``); the soft Dice term is unweighted. ``on_device``: the loss
-    as a float64 value of the backend's ``xp`` (a GPU need not finish the step before it returns)."""
-    if kind == "bce":
-        return bce_with_logits(logits, targets, backend, weights, on_device)
-    if kind == "bce+dice":
-        l1, d1 = bce_with_logits(logits, targets, backend, weights, on_device)
+    """The training loss by name: 'bce', 'bce+dice' (their sum) or 'bce+dice+image' (plus IMAGE_TERM_WEIGHT
+    times ``image_bce_with_logits``). ``weights`` (None: every pixel 1) weigh the BCE term per pixel
+    (``bce_with_logits``); the other terms are unweighted. ``on_device``: the loss as a float64 value of the
+    backend's ``xp`` (a GPU need not finish the step before it returns)."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}: choose {' or '.join(LOSSES)}")
+    loss, dz = bce_with_logits(logits, targets, backend, weights, on_device)
+    if kind in ("bce+dice", "bce+dice+image"):
         l2, d2 = soft_dice_with_logits(logits, targets, backend, on_device=on_device)
-        d1 += d2
-        return l1 + l2, d1
-    raise ValueError(f"unknown loss {kind!r}: choose {' or '.join(LOSSES)}")
+        loss = loss + l2
+        dz += d2
+    if kind == "bce+dice+image":
+        l3, d3 = image_bce_with_logits(logits, targets, backend, on_device)
+        loss = loss + IMAGE_TERM_WEIGHT * l3
+        d3 *= IMAGE_TERM_WEIGHT
+        dz += d3
+    return loss, dz

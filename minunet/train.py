@@ -110,7 +110,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi t/T)) / 2 over all T steps (optim.cosine_lr)
-    loss: str = "bce"  # or "bce+dice": BCE plus the mean per-image soft Dice loss
+    loss: str = "bce"  # or "bce+dice": BCE plus the mean per-image soft Dice loss; "bce+dice+image" (losses.py)
     base_channels: int = 16
     depth: int = 4
     size: int = 256

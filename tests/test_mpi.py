@@ -148,7 +148,7 @@ def test_several_ranks_without_mpi4py_is_a_clear_error(monkeypatch):
 
 
 @needs_mpi
-@pytest.mark.parametrize("loss", ["bce", "bce+dice"])
+@pytest.mark.parametrize("loss", ["bce", "bce+dice", "bce+dice+image"])
 def test_the_shards_gradients_sum_to_the_whole_batch_gradient(tmp_path, loss):
     """3 images on 2 ranks (2 + 1): each share is weighted by its size, the sum is the batch's gradient."""
     mpiexec(WORKER, "gradient", tmp_path / "g.npz", loss)

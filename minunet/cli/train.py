@@ -87,7 +87,8 @@ class TrainReporter:
 @config_option("--batch-size", type=int)
 @config_option("--lr", type=float, help="Adam learning rate.")
 @config_option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="cosine: from lr down to 0 over all epochs.")
-@config_option("--loss", type=click.Choice(LOSSES))
+@config_option("--loss", type=click.Choice(LOSSES),
+               help="bce+dice adds the soft Dice per image; bce+dice+image also an image-level has-lesion term.")
 @config_option("--base-channels", type=int)
 @config_option("--depth", type=int)
 @config_option("--size", type=int, help="Images are resized to SIZE x SIZE.")
