@@ -1,5 +1,5 @@
 """Losses. Each returns (loss as a float, gradient w.r.t. the logits); the loss is a mean over the
-batch (BCE: per pixel, optionally weighted; soft Dice: per image).
+batch (BCE: per pixel, optionally weighted; soft Dice and the image-level term: per image).
 
 All take NCHW logits z and targets y of the same shape; ``backend`` defaults
 to the NumPy reference (any float dtype). Pass the model's backend to keep
@@ -15,7 +15,7 @@ from minunet.kernels.numpy_ref import NumpyBackend
 _REFERENCE = NumpyBackend("float64")
 
 LOSSES = ("bce", "bce+dice", "bce+dice+image")
-# The weight of the image-level term in "bce+dice+image" (measured for the lesion model: README, its card).
+# The weight of the image-level term in "bce+dice+image": the one weight measured (README, the lesion model's card).
 IMAGE_TERM_WEIGHT = 0.5
 
 
