@@ -32,6 +32,7 @@ from minunet.checkpoint import load_checkpoint
 from minunet.data import find_data, load_arrays
 from minunet.errors import ConfigError
 from minunet.evaluation import evaluate_model, mean_loss
+from minunet.losses import LOSSES
 from minunet.model import UNet
 from minunet.train import TrainConfig, batch_gradient, train
 
@@ -148,7 +149,7 @@ def test_several_ranks_without_mpi4py_is_a_clear_error(monkeypatch):
 
 
 @needs_mpi
-@pytest.mark.parametrize("loss", ["bce", "bce+dice", "bce+dice+image"])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_the_shards_gradients_sum_to_the_whole_batch_gradient(tmp_path, loss):
     """3 images on 2 ranks (2 + 1): each share is weighted by its size, the sum is the batch's gradient."""
     mpiexec(WORKER, "gradient", tmp_path / "g.npz", loss)
